@@ -1,0 +1,32 @@
+import os
+
+# Tests run on the CPU; a few multi-device tests need fake devices, and the
+# flag must be set before JAX starts.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from geotoken_jax.bench.s2_bench import uniform_sphere_points  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def sphere_points_1m():
+  """1,000,000 points drawn uniformly on the sphere: (lat, lng) degrees."""
+  return uniform_sphere_points(1_000_000, seed=20251101)
+
+
+def angle_diff_deg(a, b):
+  """|a - b| for longitudes, folding the +-180 seam."""
+  d = np.abs(np.asarray(a) - np.asarray(b)) % 360.0
+  return np.minimum(d, 360.0 - d)
+
+
+def haversine_m(a, b):
+  """Float64 great-circle distance in metres between [..., 2] (lat, lon) arrays."""
+  a = np.radians(np.asarray(a, np.float64))
+  b = np.radians(np.asarray(b, np.float64))
+  h = (np.sin((b[..., 0] - a[..., 0]) / 2) ** 2
+       + np.cos(a[..., 0]) * np.cos(b[..., 0]) * np.sin((b[..., 1] - a[..., 1]) / 2) ** 2)
+  return 2 * 6_371_008.8 * np.arcsin(np.sqrt(np.minimum(h, 1.0)))
