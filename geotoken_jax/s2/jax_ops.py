@@ -26,6 +26,8 @@ def tokens_to_latlng(tokens: jax.Array, spec: TokenSpec) -> jax.Array:
   Out-of-vocab tokens are not checked here (no host sync inside jit); they
   give some cell, never NaN.
   """
+  if spec.array_dtype != np.int32:
+    raise ValueError(f"{spec}: tokens of group_size > 15 do not fit int32, which JAX uses")
   num_tokens = tokens.shape[-1]
   level = spec.level_of_prefix(num_tokens)
   tokens = tokens.astype(jnp.int32)

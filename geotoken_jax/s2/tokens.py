@@ -67,8 +67,13 @@ class TokenSpec:
     return (num_tokens - 1) * self.group_size
 
   @property
+  def array_dtype(self) -> np.dtype:
+    """int32 (what JAX uses) unless a token can exceed it (group_size > 15)."""
+    return np.dtype(np.int32 if self.max_vocab_size <= 2**31 else np.int64)
+
+  @property
   def token_dtype(self) -> np.dtype:
-    """The smallest unsigned integer type that holds every token."""
+    """The smallest unsigned integer type that holds every token (for storage)."""
     return np.min_scalar_type(self.max_vocab_size - 1)
 
 
@@ -79,14 +84,17 @@ def _token_shifts(spec: TokenSpec, num_tokens: int) -> np.ndarray:
 
 
 def cell_ids_to_tokens(ids, spec: TokenSpec) -> np.ndarray:
-  """Cell ids (any level >= spec.level) -> int32 tokens [..., spec.num_positions]."""
+  """Cell ids (any level >= spec.level) -> tokens [..., spec.num_positions].
+
+  The array is int32 (int64 only when group_size > 15 makes the vocab exceed it).
+  """
   ids = cells.cell_ids_parent(cells.check_cell_ids(ids), spec.level)
   return _tokens_of_valid_ids(ids, spec)
 
 
 def _tokens_of_valid_ids(ids: np.ndarray, spec: TokenSpec) -> np.ndarray:
   """cell_ids_to_tokens for ids already checked and at exactly spec.level."""
-  tokens = np.empty(ids.shape + (spec.num_positions,), np.int32)
+  tokens = np.empty(ids.shape + (spec.num_positions,), spec.array_dtype)
   tokens[..., 0] = cells.cell_ids_face(ids)
   digit_mask = np.uint64(spec.digit_vocab_size - 1)
   tokens[..., 1:] = (ids[..., None] >> _token_shifts(spec, spec.num_positions)) & digit_mask
