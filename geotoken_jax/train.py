@@ -138,7 +138,7 @@ def make_train_step(setup: TrainSetup, config: ml_collections.ConfigDict, mesh) 
     updates, opt_state = setup.optimizer.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
-    step_metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+    step_metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
                     "learning_rate": setup.schedule(state["step"]), **aux}
     return new_state, step_metrics
 

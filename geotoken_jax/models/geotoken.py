@@ -1,0 +1,109 @@
+"""GeoTokenModel: an encoder (ViT or the paper's feature encoder) + the token decoder.
+
+Inputs are a dict (the encoder picks its keys):
+  encoder "vit":       {"image": uint8 [B, H, W, 3]} (a bare image array works too)
+  encoder "features":  {"query_features": [B, 3, 768], "neighbor_features": [B, K, 3, 768],
+                        "neighbor_tokens": int [B, K, P]}
+Extra keys are ignored, so a whole batch dict (with "tokens", "mask", ...) can be passed.
+
+Dropout randomness comes only from the `rngs` given at call time (an
+nnx.Rngs with a 'dropout' stream, or a bare key), so a functional jitted
+train step passes a fresh key per step; the model holds no RNG state.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from geotoken_jax import s2
+from geotoken_jax.models import layers
+from geotoken_jax.models.decoder import Cache, Decoder
+from geotoken_jax.models.feature_encoder import FeatureEncoder
+from geotoken_jax.models.vit import ViTEncoder
+
+FEATURE_INPUT_KEYS = ("query_features", "neighbor_features", "neighbor_tokens")
+IMAGE_INPUT_KEY = "image"
+
+
+class GeoTokenModel(nnx.Module):
+
+  def __init__(self, config, spec: s2.TokenSpec, *, rngs: nnx.Rngs):
+    self.spec = spec
+    self.encoder_kind = str(config.encoder)
+    self.d_model = int(config.d_model)
+    dtype = jnp.dtype(config.compute_dtype)
+    if self.encoder_kind == "vit":
+      self.encoder = ViTEncoder(
+          config.vit, out_dim=self.d_model, dropout_rate=float(config.dropout),
+          attention_dropout=float(config.attention_dropout), eps=float(config.layer_norm_eps),
+          dtype=dtype, rngs=rngs)
+    elif self.encoder_kind == "features":
+      self.encoder = FeatureEncoder(config, spec, rngs=rngs)
+    else:
+      raise ValueError(f"encoder must be 'vit' or 'features', got {config.encoder!r}")
+    self.decoder = Decoder(config, spec, rngs=rngs)
+
+  @property
+  def num_positions(self) -> int:
+    return self.decoder.num_positions
+
+  @property
+  def max_vocab_size(self) -> int:
+    return self.decoder.max_vocab_size
+
+  @property
+  def vocab_sizes(self) -> tuple[int, ...]:
+    return self.decoder.vocab_sizes
+
+  @property
+  def input_keys(self) -> tuple[str, ...]:
+    return (IMAGE_INPUT_KEY,) if self.encoder_kind == "vit" else FEATURE_INPUT_KEYS
+
+  def memory_length(self, num_neighbors: int | None = None) -> int:
+    """Length S of the encoder's output sequence."""
+    if self.encoder_kind == "vit":
+      return self.encoder.num_tokens
+    k = self.encoder.num_neighbors if num_neighbors is None else num_neighbors
+    return self.encoder.memory_length(k)
+
+  def valid_vocab_mask(self) -> np.ndarray:
+    """[positions, max_vocab] bool, True where a token id exists at that position."""
+    return self.decoder.valid_vocab_mask()
+
+  def encode(self, inputs: Mapping[str, Any] | jax.Array, *, deterministic: bool = True,
+             rngs=None) -> jax.Array:
+    """inputs -> memory [B, S, d_model] float32."""
+    rngs = layers.as_rngs(rngs)
+    if self.encoder_kind == "vit":
+      images = inputs[IMAGE_INPUT_KEY] if isinstance(inputs, Mapping) else inputs
+      return self.encoder(images, deterministic=deterministic, rngs=rngs)
+    return self.encoder(*(inputs[k] for k in FEATURE_INPUT_KEYS), deterministic=deterministic,
+                        rngs=rngs)
+
+  def decode(self, memory: jax.Array, tokens: jax.Array, *, deterministic: bool,
+             rngs=None) -> jax.Array:
+    """Teacher forcing from a memory: tokens int [B, P] -> logits [B, P, max_vocab] float32."""
+    return self.decoder(memory, tokens, deterministic=deterministic, rngs=layers.as_rngs(rngs))
+
+  def __call__(self, inputs: Mapping[str, Any] | jax.Array, tokens: jax.Array, *,
+               deterministic: bool, rngs=None) -> jax.Array:
+    """Teacher forcing: logits [B, P, max_vocab] float32; ids >= vocab_p are MASKED_LOGIT."""
+    rngs = layers.as_rngs(rngs)
+    memory = self.encode(inputs, deterministic=deterministic, rngs=rngs)
+    return self.decoder(memory, tokens, deterministic=deterministic, rngs=rngs)
+
+  def init_cache(self, memory: jax.Array) -> Cache:
+    """A tuple with one dict per decoder layer: cross_k [B, heads, kv, S], cross_v
+    [B, heads, S, kv] (from memory, once), self_k [B, heads, kv, P] and self_v
+    [B, heads, P, kv] (zeros).  Batch is the leading axis of every leaf."""
+    return self.decoder.init_cache(memory)
+
+  def decode_step(self, prev_token: jax.Array, position, cache: Cache
+                  ) -> tuple[jax.Array, Cache]:
+    """(prev_token int [B], position) -> (logits [B, max_vocab] float32, new cache)."""
+    return self.decoder.decode_step(prev_token, position, cache)
