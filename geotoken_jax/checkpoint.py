@@ -51,6 +51,8 @@ class Checkpointer:
     """Saves when `step` is a multiple of save_every_steps (or `force`); returns whether it did."""
     if not (force or (self._save_every_steps and step % self._save_every_steps == 0)):
       return False
+    if step == self._manager.latest_step():  # e.g. a preemption right after a periodic save
+      return False
     items = {_STATE: ocp.args.StandardSave(state)}
     if data_iterator is not None:
       items[_DATA] = grain.checkpoint.CheckpointSave(data_iterator)

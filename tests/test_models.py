@@ -25,7 +25,8 @@ IMAGE = 16
 def tiny_config(encoder: str, norm: str, **overrides):
   cfg = models.model_config("paper")
   cfg.update(encoder=encoder, norm=norm, d_model=16, num_heads=2, ff_dim=24, encoder_layers=2,
-             decoder_layers=2, num_neighbors=NEIGHBORS, feature_dim=FEATURE_DIM)
+             decoder_layers=2)
+  cfg.features.update(num_neighbors=NEIGHBORS, feature_dim=FEATURE_DIM)
   cfg.vit.update(image_size=IMAGE, patch_size=8, width=12, depth=1, num_heads=2, mlp_dim=20)
   cfg.update(**overrides)
   return cfg
@@ -185,13 +186,14 @@ def test_paper_param_count_matches_torch_ref():
   assert (cfg.encoder, cfg.norm, cfg.activation, cfg.positions) == (
       "features", "post", "relu", "sinusoidal")
   assert (cfg.d_model, cfg.encoder_layers, cfg.decoder_layers, cfg.num_heads, cfg.ff_dim,
-          cfg.dropout, cfg.num_neighbors) == (512, 10, 10, 8, 1024, 0.1, 15)
+          cfg.dropout, cfg.features.num_neighbors) == (512, 10, 10, 8, 1024, 0.1, 15)
   expected = torch_ref_param_count(512, 10, 8, 1024, 15, 11, 2)
   assert expected == 54_797_478  # torch_ref.py --what train reports this "params"
   assert abstract_param_count(cfg, s2.TokenSpec(level=20, group_size=2)) == expected
   # The formula tracks other sizes too (a cheap second point).
   small = tiny_config("features", "post", d_model=32, num_heads=4, ff_dim=40, encoder_layers=3,
-                      decoder_layers=3, feature_dim=768)
+                      decoder_layers=3)
+  small.features.feature_dim = 768
   assert abstract_param_count(small, SPEC) == torch_ref_param_count(32, 3, 4, 40, NEIGHBORS, 5, 2)
 
 
@@ -199,7 +201,9 @@ def test_memory_length_and_order():
   model = tiny_model("features", "post")
   inputs, _ = random_inputs("features", seed=3)
   assert model.memory_length() == 1 + 3 + NEIGHBORS * (3 + SPEC.num_positions)
-  assert models.model_config("paper") and 4 + 15 * (3 + 11) == 214
+  paper = nnx.eval_shape(lambda: models.build_model(models.model_config("paper"), s2.TokenSpec(),
+                                                    rngs=nnx.Rngs(0)))
+  assert paper.memory_length() == 214
   enc = model.encoder
   x = np.asarray(enc.embed(**inputs))
   assert x.shape == (BATCH, model.memory_length(), 16)
@@ -403,3 +407,22 @@ def test_layer_norm_custom_gradient_matches_autodiff():
   want = jax.grad(lambda *a: jnp.sum(reference(*a) * w), argnums=(0, 1, 2))(x, scale, bias)
   for g, r in zip(got, want):
     np.testing.assert_allclose(g, r, atol=2e-5, rtol=1e-5)
+
+
+def test_absorbed_cross_attention_equals_projected_kv():
+  model = tiny_model("features", "post")
+  inputs, _ = random_inputs("features", seed=9)
+  memory = model.encode(inputs)
+  x = jnp.asarray(np.random.default_rng(9).normal(size=(BATCH, SPEC.num_positions, 16)),
+                  jnp.float32)
+  cross = model.decoder.blocks[0].cross_attention
+  # The features model's teacher forcing uses the absorbed form, decode_step the K/V cache.
+  assert cross.absorbed_is_cheaper(SPEC.num_positions, memory.shape[1], 16, 2)
+  absorbed = cross.attend_memory(x, memory, deterministic=True, rngs=None)
+  projected = cross(x, *cross.project_kv(memory), deterministic=True, rngs=None)
+  np.testing.assert_allclose(absorbed, projected, atol=1e-5, rtol=1e-5)
+  block = model.decoder.blocks[1]
+  np.testing.assert_allclose(
+      block(x, memory=memory, deterministic=True, rngs=None),
+      block(x, memory_kv=block.cross_attention.project_kv(memory), deterministic=True, rngs=None),
+      atol=1e-5, rtol=1e-5)

@@ -37,7 +37,8 @@ Configuration (`model_config(preset)` returns an ml_collections.ConfigDict):
   layer_norm_eps     1e-5 (torch)
   compute_dtype      "float32" or "bfloat16": matmul dtype; params, LayerNorm, softmax,
                      residuals, logits and loss stay float32
-  num_neighbors, num_features, feature_dim      the feature encoder's K, 3, 768
+  features           ConfigDict: num_neighbors (K, 15), num_features (3), feature_dim (768)
+                     of the feature encoder
   vit                ConfigDict: name, image_size, patch_size, width, depth, num_heads,
                      mlp_dim, norm, activation, mean, std (see `vit_config`)
 """
@@ -90,6 +91,12 @@ def vit_config(name: str = "vit_tiny") -> ml_collections.ConfigDict:
       mean=_IMAGENET_MEAN, std=_IMAGENET_STD))
 
 
+def features_config(num_neighbors: int = 15) -> ml_collections.ConfigDict:
+  """The feature encoder's inputs: K neighbours, 3 features (image, location, text) of 768."""
+  return ml_collections.ConfigDict(dict(num_neighbors=num_neighbors, num_features=3,
+                                        feature_dim=768))
+
+
 def model_config(preset: str = "paper") -> ml_collections.ConfigDict:
   """Presets:
   paper         torch_ref.py's defaults: feature encoder, post-LN, ReLU, sinusoidal, d 512,
@@ -105,7 +112,7 @@ def model_config(preset: str = "paper") -> ml_collections.ConfigDict:
       preset=preset, encoder="features", d_model=512, num_heads=8, ff_dim=1024,
       encoder_layers=10, decoder_layers=10, norm="pre", activation="gelu", positions="learned",
       dropout=0.0, attention_dropout=0.0, layer_norm_eps=1e-5, compute_dtype="float32",
-      num_neighbors=15, num_features=3, feature_dim=768, vit=vit_config("vit_tiny")))
+      features=features_config(), vit=vit_config("vit_tiny")))
   if preset == "paper":
     cfg.update(norm="post", activation="relu", positions="sinusoidal", dropout=0.1,
                attention_dropout=0.1)
@@ -134,6 +141,8 @@ def _check_config(cfg) -> None:
   if cfg.encoder == "vit" and cfg.vit.width % cfg.vit.num_heads:
     raise ValueError(f"vit.width {cfg.vit.width} is not divisible by vit.num_heads "
                      f"{cfg.vit.num_heads}")
+  if cfg.features.num_neighbors < 0:
+    raise ValueError(f"features.num_neighbors must be >= 0, got {cfg.features.num_neighbors}")
   for field in ("dropout", "attention_dropout"):
     if not 0.0 <= cfg[field] < 1.0:
       raise ValueError(f"model_config.{field} must be in [0, 1), got {cfg[field]}")
@@ -154,7 +163,7 @@ def param_count(model: nnx.Module) -> int:
 __all__ = [
     "LOGICAL_AXES", "MASKED_LOGIT", "PRESETS", "FEATURE_INPUT_KEYS", "IMAGE_INPUT_KEY",
     "Cache", "Decoder", "FeatureEncoder", "GeoTokenModel", "ViTEncoder",
-    "build_model", "head_tables", "metrics_from_sums", "model_config", "param_count",
-    "per_row_losses", "position_weights", "vit_config", "weighted_cross_entropy",
+    "build_model", "features_config", "head_tables", "metrics_from_sums", "model_config",
+    "param_count", "per_row_losses", "position_weights", "vit_config", "weighted_cross_entropy",
     "weighted_cross_entropy_sums",
 ]

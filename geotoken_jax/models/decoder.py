@@ -13,6 +13,12 @@ valid column and are masked), giving a per-position head that a traced
 position can select inside lax loops.  Logits of ids >= vocab_p are set to
 MASKED_LOGIT so softmax gives them ~0 and argmax never picks them.
 
+Cross-attention in teacher forcing: with P = 11 queries against a memory of
+214 tokens it is cheaper to fold W_k / W_v into the queries than to project
+the memory (CrossAttention.attend_memory; same function, ~4.5x fewer FLOPs);
+the decision is static (CrossAttention.absorbed_is_cheaper).  Incremental
+decoding uses the classic per-layer K/V, projected once into the cache.
+
 KV cache (a tuple with one dict per decoder layer; batch leads every leaf,
 so beam search can reorder it with `jax.tree.map(lambda x: x[idx], cache)`):
   cross_k  [batch, heads, head_dim, memory_length]   from the memory, once
@@ -109,9 +115,17 @@ class Decoder(nnx.Module):
     start = jnp.broadcast_to(self.start[...], (b, 1, prev.shape[-1]))
     x = jnp.concatenate([start, prev], axis=1) + self.positions.first(p)  # [B, P, d]
     x = layers.dropout(x, self.dropout_rate, deterministic=deterministic, rngs=rngs)
-    memory_kv = layers.project_memory_kv([blk.cross_attention for blk in self.blocks], memory)
-    for block, (k, v) in zip(self.blocks, memory_kv):
-      x = block(x, k, v, deterministic=deterministic, rngs=rngs)
+    kw = dict(deterministic=deterministic, rngs=rngs)
+    if self.blocks and layers.CrossAttention.absorbed_is_cheaper(
+        p, memory.shape[1], memory.shape[2], self.blocks[0].cross_attention.num_heads):
+      # Few queries, long memory: attend to the memory directly (W_k, W_v
+      # absorbed), skipping each layer's K/V projection of the memory.
+      for block in self.blocks:
+        x = block(x, memory=memory, **kw)
+    else:
+      memory_kv = layers.project_memory_kv([blk.cross_attention for blk in self.blocks], memory)
+      for block, kv in zip(self.blocks, memory_kv):
+        x = block(x, memory_kv=kv, **kw)
     index, valid = head_tables(self.vocab_sizes)
     return self._head(self._finish(x), jnp.asarray(index), jnp.asarray(valid),
                       "bpd,dpv->bpv")

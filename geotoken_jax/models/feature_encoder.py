@@ -25,11 +25,11 @@ class FeatureEncoder(nnx.Module):
 
   def __init__(self, config, spec: s2.TokenSpec, *, rngs: nnx.Rngs):
     d = int(config.d_model)
-    f = int(config.feature_dim)
-    n = int(config.num_features)
+    f = int(config.features.feature_dim)
+    n = int(config.features.num_features)
     self.num_features = n
     self.feature_dim = f
-    self.num_neighbors = int(config.num_neighbors)
+    self.num_neighbors = int(config.features.num_neighbors)
     self.vocab_sizes = tuple(spec.vocab_sizes)
     self.dropout_rate = float(config.dropout)
     self.dtype = jnp.dtype(config.compute_dtype)
