@@ -82,17 +82,14 @@ def create_train_state(config: ml_collections.ConfigDict, spec: s2.TokenSpec, me
     params = jax.lax.with_sharding_constraint(params, param_shardings)
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params)}
 
-  # Let XLA propagate the parameters' shardings into the optimizer state
-  # (Adam's moments mirror the parameters), then pin the result.
-  abstract_state = jax.eval_shape(init)
-  state_shardings = {
-      "step": sharding.replicated(mesh),
-      "params": param_shardings,
-      "opt_state": jax.tree.map(lambda _: None, abstract_state["opt_state"]),
-  }
+  # XLA propagates the parameters' shardings into the optimizer state (Adam's
+  # moments mirror the parameters); the steps then pin what it chose.
   state = jax.jit(init)()
-  state_shardings["opt_state"] = jax.tree.map(lambda x: x.sharding, state["opt_state"])
-  state_shardings["step"] = state["step"].sharding
+  state_shardings = {
+      "step": state["step"].sharding,
+      "params": param_shardings,
+      "opt_state": jax.tree.map(lambda x: x.sharding, state["opt_state"]),
+  }
   return TrainSetup(graphdef, optimizer, schedule, state_shardings, spec), state
 
 
@@ -153,9 +150,9 @@ def make_eval_step(setup: TrainSetup, config: ml_collections.ConfigDict, mesh) -
 
   def step(params, batch):
     model = nnx.merge(setup.graphdef, params)
-    logits = model(batch, batch["tokens"], deterministic=True)
+    memory = model.encode(batch, deterministic=True)  # once, for the loss and for decoding
+    logits = model.decode(memory, batch["tokens"], deterministic=True)
     row_loss, row_hits = models.per_row_losses(logits, batch["tokens"], weights)
-    memory = model.encode(batch, deterministic=True)
     tokens, log_prob = greedy_decode(model.decode_step, model.init_cache(memory), memory.shape[0],
                                      spec.num_positions)
     predicted = jax_ops.tokens_to_latlng(tokens, spec)  # [batch, 2]
