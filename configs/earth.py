@@ -47,6 +47,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.checkpoint_every_steps = 500
   config.max_checkpoints = 3
 
+  # python -m geotoken_jax.evaluate: the paper's strategies (greedy, beam, a pool
+  # of 30 samples at T = 0.7 under each selection rule; the pool is decoded once).
+  config.evaluate = ml_collections.ConfigDict({
+      "strategies": ("greedy,beam:5,sample:30:0.7:logprob,sample:30:0.7:vote,"
+                     "sample:30:0.7:medoid,sample:30:0.7:mean"),
+      "batch_size": 128,  # global images per decode batch
+      "num_candidates": 5,  # top-k cells per image in the predictions file
+      "seed": 0,
+      "plot_max_points": 2000,
+  })
+
   if variant == "smoke":
     config.model.vit.depth = 1
     config.model.decoder_layers = 1
@@ -58,4 +69,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.eval_every_steps = 0
     config.eval_batch_size = 32
     config.checkpoint_every_steps = 10
+    config.evaluate.update(strategies="greedy,beam:3,sample:4:0.7:medoid,sample:4:0.7:vote",
+                           batch_size=32)
   return config

@@ -76,3 +76,28 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def restore_params(directory: str, abstract_params: Any, step: int | None = None) -> tuple[Any, int]:
+  """Only the parameters of a checkpoint (no optimizer state, no data iterator), for
+  evaluation and prediction: (params placed on abstract_params' shardings, step).
+
+  A read-only manager restores the "params" subtree alone (orbax partial restore),
+  so Adam's moments are never read into memory.
+  """
+  directory = os.path.abspath(directory)
+  manager = ocp.CheckpointManager(directory, item_handlers={_STATE: ocp.PyTreeCheckpointHandler()},
+                                  options=ocp.CheckpointManagerOptions(read_only=True))
+  try:
+    step = manager.latest_step() if step is None else int(step)
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {directory}")
+    if step not in manager.all_steps():
+      raise FileNotFoundError(f"no checkpoint of step {step} in {directory}; "
+                              f"steps: {sorted(manager.all_steps())}")
+    item = {"params": abstract_params}
+    restored = manager.restore(step, args=ocp.args.Composite(**{_STATE: ocp.args.PyTreeRestore(
+        item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True)}))
+    return restored[_STATE]["params"], step
+  finally:
+    manager.close()

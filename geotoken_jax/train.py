@@ -276,6 +276,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     raise ValueError(f"batch_size {config.batch_size} must divide over the batch mesh axes "
                      f"({sharding.global_batch_size_divisor(mesh)} devices)")
 
+  if process_index == 0:  # evaluate / predict rebuild the model from the workdir alone
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=1))
   train_source = data.get_source(config.data, "train", spec)
   steps_per_epoch = max(len(train_source) // config.batch_size, 1)
   total_steps = config.num_steps or config.num_epochs * steps_per_epoch

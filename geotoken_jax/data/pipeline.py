@@ -233,7 +233,7 @@ class _EvalBatch:
 
 
 def eval_batches(source, *, batch_size: int, process_index: int = 0,
-                 process_count: int = 1) -> grain.IterDataset:
+                 process_count: int = 1, start_batch: int = 0) -> grain.IterDataset:
   """One in-order pass over a source as per-process batches with a "mask" field.
 
   batch_size is the PER-PROCESS batch size (unlike train_iterator's
@@ -241,12 +241,14 @@ def eval_batches(source, *, batch_size: int, process_index: int = 0,
   Every process yields num_eval_batches(len(source), batch_size=batch_size,
   process_count=process_count) batches; rows past the end are padding with
   "mask" False (and "id" -1 when the source has ids).  The result is a grain
-  IterDataset: iterate it as often as needed.
+  IterDataset: iterate it as often as needed.  start_batch skips the first
+  batches (a resumed evaluation).
   """
   batch_size = _check_int("batch_size", batch_size, 1)
   _check_process(process_index, process_count)
   num_records = len(source)
   count = num_eval_batches(num_records, batch_size=batch_size, process_count=process_count)
-  ds = grain.MapDataset.range(count).map(
+  start_batch = _check_int("start_batch", start_batch, 0)
+  ds = grain.MapDataset.range(min(start_batch, count), count).map(
       _EvalBatch(source, num_records, batch_size, process_index, process_count))
   return ds.to_iter_dataset(_READ_OPTIONS)

@@ -1,7 +1,21 @@
 """Decoding S2 token sequences from a model, as in language models.
 
-Model-agnostic (t5x style): strategies drive a `tokens_to_logits(prev_token,
-position, cache) -> (logits, cache)` function inside jax.lax loops.
+Model-agnostic (t5x style): every strategy drives a
+`tokens_to_logits(prev_token [rows], position, cache) -> (logits [rows, vocab], cache)`
+function inside one jax.lax loop, vectorized over images x beams or images x
+samples, with the encoder run once per image (its K/V cached once per image).
+
+  greedy_decode      argmax per position
+  beam_search        all W beams with their summed log-probabilities, best first
+  sample_sequences   N samples per image; temperature, top-k, top-p; per-image keys
+  CellTrie           optional constraint: only cells with training data
+  select             pool selection rules (logprob, vote, medoid, mean)
+  top_candidates     top-k distinct candidates with normalized probabilities
+  Decoder            the above bound to a GeoTokenModel, as jitted functions
 """
 
+from geotoken_jax.decoding.beam import DEAD_SCORE, BeamState, beam_search, check_beam_size
+from geotoken_jax.decoding.constraints import CellTrie, build_cell_trie
 from geotoken_jax.decoding.greedy import greedy_decode
+from geotoken_jax.decoding.sampling import check_sampling, filter_logits, sample_sequences
+from geotoken_jax.decoding.selection import SELECTION_RULES, Selection, select, top_candidates

@@ -19,12 +19,15 @@ the memory (CrossAttention.attend_memory; same function, ~4.5x fewer FLOPs);
 the decision is static (CrossAttention.absorbed_is_cheaper).  Incremental
 decoding uses the classic per-layer K/V, projected once into the cache.
 
-KV cache (a tuple with one dict per decoder layer; batch leads every leaf,
-so beam search can reorder it with `jax.tree.map(lambda x: x[idx], cache)`):
-  cross_k  [batch, heads, head_dim, memory_length]   from the memory, once
-  cross_v  [batch, heads, memory_length, head_dim]   from the memory, once
-  self_k   [batch, heads, head_dim, positions]       zeros, column t written at step t
-  self_v   [batch, heads, positions, head_dim]       zeros, row t written at step t
+KV cache (a tuple with one dict per decoder layer).  Decoding runs R = B * G
+rows: G sequences (beams or samples) per image, image-major.  The memory's
+K/V is cached once per IMAGE and the G sequences attend to it as G queries of
+their image's row, so beams and samples never copy it; the self-attention
+buffers have one row per sequence (beam search reorders only those):
+  cross_k  [B, heads, head_dim, memory_length]   from the memory, once
+  cross_v  [B, heads, memory_length, head_dim]   from the memory, once
+  self_k   [R, heads, head_dim, positions]       zeros, column t written at step t
+  self_v   [R, heads, positions, head_dim]       zeros, row t written at step t
 all in the compute dtype (keys are stored transposed: see layers.attend).
 """
 
@@ -133,14 +136,17 @@ class Decoder(nnx.Module):
   # Incremental decoding
   # ----------------------------------------------------------------------------
 
-  def init_cache(self, memory: jax.Array) -> Cache:
-    """Cross-attention K/V from memory [B, S, d] (once) and zeroed self-attention buffers."""
-    b = memory.shape[0]
+  def init_cache(self, memory: jax.Array, sequences_per_image: int = 1) -> Cache:
+    """Cross-attention K/V from memory [B, S, d] (once per image) and zeroed
+    self-attention buffers for B * sequences_per_image rows (image-major)."""
+    if sequences_per_image < 1:
+      raise ValueError(f"sequences_per_image must be >= 1, got {sequences_per_image}")
+    rows = memory.shape[0] * sequences_per_image
     cache = []
     memory_kv = layers.project_memory_kv([blk.cross_attention for blk in self.blocks], memory)
     for block, (k, v) in zip(self.blocks, memory_kv):
       cache.append({"cross_k": k, "cross_v": v,
-                    **block.self_attention.init_cache(b, self.num_positions)})
+                    **block.self_attention.init_cache(rows, self.num_positions)})
     return tuple(cache)
 
   def decode_step(self, prev_token: jax.Array, position, cache: Cache

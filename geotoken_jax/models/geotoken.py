@@ -97,13 +97,14 @@ class GeoTokenModel(nnx.Module):
     memory = self.encode(inputs, deterministic=deterministic, rngs=rngs)
     return self.decoder(memory, tokens, deterministic=deterministic, rngs=rngs)
 
-  def init_cache(self, memory: jax.Array) -> Cache:
+  def init_cache(self, memory: jax.Array, sequences_per_image: int = 1) -> Cache:
     """A tuple with one dict per decoder layer: cross_k [B, heads, kv, S], cross_v
-    [B, heads, S, kv] (from memory, once), self_k [B, heads, kv, P] and self_v
-    [B, heads, P, kv] (zeros).  Batch is the leading axis of every leaf."""
-    return self.decoder.init_cache(memory)
+    [B, heads, S, kv] (from memory, once per image), self_k [R, heads, kv, P] and
+    self_v [R, heads, P, kv] (zeros) for R = B * sequences_per_image decoding
+    rows, image-major (beams or samples share their image's cross K/V)."""
+    return self.decoder.init_cache(memory, sequences_per_image)
 
   def decode_step(self, prev_token: jax.Array, position, cache: Cache
                   ) -> tuple[jax.Array, Cache]:
-    """(prev_token int [B], position) -> (logits [B, max_vocab] float32, new cache)."""
+    """(prev_token int [R], position) -> (logits [R, max_vocab] float32, new cache)."""
     return self.decoder.decode_step(prev_token, position, cache)

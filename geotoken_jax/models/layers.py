@@ -550,7 +550,8 @@ class DecoderBlock(nnx.Module):
 
   def decode_step(self, x: jax.Array, position: jax.Array,
                   cache: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """One position: x [batch, 1, embed]; cache holds this layer's self/cross K/V."""
+    """One position: x [rows, 1, embed]; cache holds this layer's self K/V [rows, ...]
+    and cross K/V [images, ...], rows = images * sequences per image."""
     new_self = {}
 
     def self_attend(y):
@@ -559,8 +560,18 @@ class DecoderBlock(nnx.Module):
       return out
 
     def cross_attend(y):
-      return self.cross_attention(y, cache["cross_k"], cache["cross_v"], deterministic=True,
-                                  rngs=None)
+      # The cross K/V may be cached once per image while y holds `group`
+      # sequences per image (beams or samples, rows image-major).  Those
+      # sequences become `group` queries of their image's row: cross-attention
+      # has no mask, so this is the same function without copying the memory's
+      # K/V per sequence.
+      images = cache["cross_k"].shape[0]
+      rows, _, dim = y.shape
+      if rows % images:
+        raise ValueError(f"{rows} decoding rows do not group over {images} cached images")
+      out = self.cross_attention(y.reshape(images, rows // images, dim), cache["cross_k"],
+                                 cache["cross_v"], deterministic=True, rngs=None)
+      return out.reshape(rows, 1, dim)
 
     x = self._apply(x, self_attend, cross_attend, True, None)
     return x, {**cache, **new_self}

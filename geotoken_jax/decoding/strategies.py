@@ -1,0 +1,200 @@
+"""Inference strategies by name, and the function that runs one on a GeoTokenModel.
+
+A strategy string (comma-separate several for the evaluation job):
+
+  greedy                       argmax per position
+  beam:W[:RULE]                beam search of width W; the prediction is chosen
+                               from the W beams by RULE (default logprob = the best beam)
+  sample:N:T[:RULE]            N samples per image at temperature T; RULE picks
+                               one (logprob, vote, medoid, mean; default logprob)
+
+followed by optional key=value fields:
+  top_k=K, top_p=P             sampling filters (sample only)
+  temperature=T                beam scores use log-softmax(logits / T) (beam only)
+  trie=M                       constrain decoding to cells with >= M training
+                               examples (`trie` alone means M = 1)
+  trie_level=L                 constrain only down to S2 level L (default: the
+                               token spec's level)
+e.g. "sample:30:0.7:medoid:top_p=0.95:trie=2:trie_level=10".
+
+Samples with the same (N, T, top_k, top_p, trie) give the same pool whatever
+the rule (the keys depend on the seed and the image only), so the evaluation
+job decodes each pool once and applies every rule asked of it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from geotoken_jax import s2
+from geotoken_jax.decoding.beam import beam_search, check_beam_size
+from geotoken_jax.decoding.constraints import CellTrie
+from geotoken_jax.decoding.greedy import greedy_decode
+from geotoken_jax.decoding.sampling import check_sampling, sample_sequences
+from geotoken_jax.decoding.selection import SELECTION_RULES, select, top_candidates
+from geotoken_jax.s2 import jax_ops
+
+KINDS = ("greedy", "beam", "sample")
+
+
+@dataclasses.dataclass(frozen=True)
+class Strategy:
+  kind: str
+  beam_size: int = 1
+  num_samples: int = 1
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  rule: str = "logprob"
+  trie_min_count: int = 0  # 0 = unconstrained
+  trie_level: int = 0  # 0 = the spec's level
+
+  @property
+  def pool_size(self) -> int:
+    return {"greedy": 1, "beam": self.beam_size, "sample": self.num_samples}[self.kind]
+
+  @property
+  def pool_key(self) -> "Strategy":
+    """The strategy up to its selection rule: equal keys decode equal pools."""
+    return dataclasses.replace(self, rule="logprob")
+
+  @property
+  def name(self) -> str:
+    """Canonical spec string (parse(name) == self)."""
+    if self.kind == "greedy":
+      parts = ["greedy"]
+    elif self.kind == "beam":
+      parts = ["beam", str(self.beam_size)]
+      if self.rule != "logprob":
+        parts.append(self.rule)
+      if self.temperature != 1.0:
+        parts.append(f"temperature={self.temperature:g}")
+    else:
+      parts = ["sample", str(self.num_samples), f"{self.temperature:g}", self.rule]
+      if self.top_k:
+        parts.append(f"top_k={self.top_k}")
+      if self.top_p < 1.0:
+        parts.append(f"top_p={self.top_p:g}")
+    if self.trie_min_count:
+      parts.append(f"trie={self.trie_min_count}")
+      if self.trie_level:
+        parts.append(f"trie_level={self.trie_level}")
+    return ":".join(parts)
+
+  def check(self, spec: s2.TokenSpec) -> "Strategy":
+    if self.kind not in KINDS:
+      raise ValueError(f"unknown strategy {self.kind!r}; choose from {', '.join(KINDS)}")
+    if self.rule not in SELECTION_RULES:
+      raise ValueError(f"unknown selection rule {self.rule!r} in {self.name!r}; choose from "
+                       f"{', '.join(SELECTION_RULES)}")
+    if self.kind == "beam":
+      check_beam_size(self.beam_size, spec.vocab_sizes)
+      if not self.temperature > 0:
+        raise ValueError(f"{self.name}: beam temperature must be > 0")
+    if self.kind == "sample":
+      if self.num_samples < 1:
+        raise ValueError(f"{self.name}: the number of samples must be >= 1")
+      check_sampling(self.temperature, self.top_k, self.top_p)
+    if self.trie_min_count < 0:
+      raise ValueError(f"{self.name}: trie min count must be >= 1")
+    if self.trie_level and (self.trie_level % spec.group_size or not 0 < self.trie_level <= spec.level):
+      raise ValueError(f"{self.name}: trie_level must be a multiple of the group size "
+                       f"{spec.group_size} in (0, {spec.level}]")
+    return self
+
+  def trie_positions(self, spec: s2.TokenSpec) -> int:
+    """How many leading token positions the trie constrains."""
+    level = self.trie_level or spec.level
+    return 1 + level // spec.group_size
+
+
+_POSITIONAL = {"greedy": (), "beam": ("beam_size", "rule"), "sample": ("num_samples", "temperature", "rule")}
+_KEYWORDS = {"top_k": int, "top_p": float, "temperature": float, "trie": int, "trie_level": int,
+             "rule": str}
+_FIELD_TYPES = {"beam_size": int, "num_samples": int, "temperature": float, "rule": str}
+
+
+def parse_strategy(text: str) -> Strategy:
+  """One strategy string (see the module docstring) -> Strategy (unchecked against a spec)."""
+  parts = [p.strip() for p in text.strip().split(":")]
+  kind = parts[0]
+  if kind not in KINDS:
+    raise ValueError(f"unknown strategy {kind!r} in {text!r}; choose from {', '.join(KINDS)}")
+  fields: dict[str, Any] = {}
+  positional = list(_POSITIONAL[kind])
+  try:
+    for part in parts[1:]:
+      if "=" in part or part == "trie":
+        key, _, value = part.partition("=")
+        if key not in _KEYWORDS:
+          raise ValueError(f"unknown option {key!r}")
+        value = _KEYWORDS[key](value) if value else 1
+        fields[{"trie": "trie_min_count"}.get(key, key)] = value
+      else:
+        if not positional:
+          raise ValueError(f"too many fields for {kind!r}")
+        name = positional.pop(0)
+        fields[name] = _FIELD_TYPES[name](part)
+  except ValueError as e:
+    raise ValueError(f"bad strategy {text!r}: {e}") from None
+  if kind == "sample" and "num_samples" not in fields:
+    raise ValueError(f"bad strategy {text!r}: sample needs N, e.g. sample:30:0.7")
+  if kind == "beam" and "beam_size" not in fields:
+    raise ValueError(f"bad strategy {text!r}: beam needs a width, e.g. beam:5")
+  if kind != "sample" and ("top_k" in fields or "top_p" in fields):
+    raise ValueError(f"bad strategy {text!r}: top_k / top_p apply to sampling only")
+  if kind == "greedy" and ("temperature" in fields or "rule" in fields):
+    raise ValueError(f"bad strategy {text!r}: greedy takes no temperature or rule")
+  return Strategy(kind=kind, **fields)
+
+
+def parse_strategies(text: str, spec: s2.TokenSpec) -> list[Strategy]:
+  """"greedy,beam:5,..." -> checked strategies, duplicates removed (order kept)."""
+  strategies = []
+  for item in text.split(","):
+    if item.strip():
+      strategy = parse_strategy(item).check(spec)
+      if strategy not in strategies:
+        strategies.append(strategy)
+  if not strategies:
+    raise ValueError("no strategy given")
+  return strategies
+
+
+def image_keys(seed: int, image_index: jax.Array) -> jax.Array:
+  """Per-image PRNG keys [batch] from a seed and the images' indices in the data set."""
+  base = jax.random.key(seed)
+  return jax.vmap(lambda i: jax.random.fold_in(base, i))(image_index.astype(jnp.uint32))
+
+
+def decode_pool(model, memory: jax.Array, strategy: Strategy, keys: jax.Array,
+                constraint: CellTrie | None) -> dict[str, jax.Array]:
+  """The strategy's pool for each image: tokens [B, N, P], log_prob [B, N], latlng [B, N, 2]."""
+  batch = memory.shape[0]
+  positions = model.num_positions
+  cache = model.init_cache(memory, strategy.pool_size)
+  if strategy.kind == "greedy":
+    tokens, log_prob = greedy_decode(model.decode_step, cache, batch, positions, constraint)
+    tokens, log_prob = tokens[:, None], log_prob[:, None]
+  elif strategy.kind == "beam":
+    tokens, log_prob = beam_search(model.decode_step, cache, batch, positions, strategy.beam_size,
+                                   temperature=strategy.temperature, constraint=constraint)
+  else:
+    tokens, log_prob = sample_sequences(
+        model.decode_step, cache, keys, strategy.num_samples, positions,
+        temperature=strategy.temperature, top_k=strategy.top_k, top_p=strategy.top_p,
+        constraint=constraint)
+  latlng = jax_ops.tokens_to_latlng(tokens.reshape(-1, positions), model.spec)
+  return {"tokens": tokens, "log_prob": log_prob, "latlng": latlng.reshape(tokens.shape[:2] + (2,))}
+
+
+def choose(pool: Mapping[str, jax.Array], rule: str, num_candidates: int) -> dict[str, jax.Array]:
+  """Applies a selection rule and the top-k candidates to a pool."""
+  chosen = select(rule, pool["tokens"], pool["log_prob"], pool["latlng"])
+  index, probability = top_candidates(pool["tokens"], pool["log_prob"], num_candidates)
+  return {"predicted": chosen.latlng, "chosen": chosen.index, "candidates": index,
+          "candidate_prob": probability}
