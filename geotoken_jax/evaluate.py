@@ -235,13 +235,14 @@ def _progress(total: int, desc: str, initial: int):
 
 def run_evaluation(config: ml_collections.ConfigDict, workdir: str, *, strategy_text: str | None = None,
                    split: str | None = None, step: int | None = None, output_dir: str | None = None,
-                   limit: int = 0, make_plots: bool = True) -> dict:
-  """Evaluates every strategy; returns {"step", "split", "output_dir", "results": {name: row}}."""
+                   limit: int = 0, make_plots: bool = True, devices=None) -> dict:
+  """Evaluates every strategy; returns {"step", "split", "output_dir", "results": {name: row},
+  "timings"}.  The mesh is the config's over `devices` (default: all)."""
   eval_config = evaluate_config(config)
   spec = s2.TokenSpec(config.tokens.level, config.tokens.group_size)
   wanted = strategies.parse_strategies(strategy_text or eval_config.strategies, spec)
   split = split or config.test_split
-  mesh = sharding.create_mesh(config.mesh)
+  mesh = sharding.create_mesh(config.mesh, devices)
   process_index, process_count = jax.process_index(), jax.process_count()
   global_batch = int(eval_config.batch_size)
   if global_batch % sharding.global_batch_size_divisor(mesh) or global_batch % process_count:
@@ -268,18 +269,20 @@ def run_evaluation(config: ml_collections.ConfigDict, workdir: str, *, strategy_
   for group in _groups(wanted):
     paths = {s.rule: os.path.join(output_dir, "predictions", file_name(s.name) + ".jsonl")
              for s in group.members}
-    # Resume: every member restarts from the shortest of their files.
+    # Resume: every member restarts at the first batch that the shortest of
+    # their files does not hold in full (rows past it are cut off).
     done = 0
     if process_index == 0:
       done = min(_complete_rows(p) for p in paths.values())
+      if done > num_records:
+        raise ValueError(f"{output_dir} holds {done} predictions for a split of {num_records}: "
+                         "a different --limit? use another --output_dir")
+      done = done if done == num_records else done // global_batch * global_batch
       for p in paths.values():
         if os.path.exists(p):
           _truncate_rows(p, done)
     done = int(multihost_utils.broadcast_one_to_all(np.int32(done))) if process_count > 1 else done
-    if done > num_records:
-      raise ValueError(f"{output_dir} holds {done} predictions for a split of {num_records}: "
-                       "a different --limit? use another --output_dir")
-    first_batch = done // global_batch
+    first_batch = num_batches if done == num_records else done // global_batch
     if first_batch >= num_batches:
       continue
     trie = tries.get((group.pool.trie_min_count, group.pool.trie_positions(spec))) \

@@ -1,0 +1,232 @@
+"""The evaluation job, the predict command and the decode benchmark, end to end on the earth data."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from geotoken_jax import checkpoint, data, evaluate, metrics, predict, s2, sharding, train
+from geotoken_jax.bench import __main__ as bench_main
+from geotoken_jax.decoding import build_cell_trie
+
+from test_train import REPO, earth_config
+
+STRATEGIES = "greedy,beam:1,beam:3,sample:4:0.7:medoid,sample:4:0.7:vote,sample:4:0.7:mean,greedy:trie=3:trie_level=6"
+LIMIT = 40  # images: 2.5 global batches of 16, so the last batch is padded
+
+
+def config():
+  cfg = earth_config()
+  cfg.evaluate.batch_size = 16
+  cfg.evaluate.num_candidates = 3
+  return cfg
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  """A workdir with config.json and a checkpoint (the smoke model's initial parameters)."""
+  path = tmp_path_factory.mktemp("eval_workdir")
+  cfg = config()
+  spec = s2.TokenSpec(cfg.tokens.level, cfg.tokens.group_size)
+  mesh = sharding.create_mesh(cfg.mesh)
+  _, state = train.create_train_state(cfg, spec, mesh, total_steps=10, steps_per_epoch=10)
+  ckpt = checkpoint.Checkpointer(str(path / "checkpoints"), async_save=False)
+  ckpt.save(7, state, force=True)
+  ckpt.close()
+  (path / "config.json").write_text(cfg.to_json_best_effort())
+  return path
+
+
+@pytest.fixture(scope="module")
+def evaluated(workdir):
+  out = str(workdir / "eval_out")
+  result = evaluate.run_evaluation(config(), str(workdir), strategy_text=STRATEGIES, limit=LIMIT,
+                                   output_dir=out)
+  return result
+
+
+def _rows(result, name):
+  return evaluate.read_predictions(os.path.join(result["output_dir"], "predictions",
+                                                evaluate.file_name(name) + ".jsonl"))
+
+
+def test_every_strategy_writes_all_images(evaluated):
+  assert evaluated["step"] == 7
+  names = [s.strip() for s in STRATEGIES.split(",")]
+  assert list(evaluated["results"]) == [n.replace("greedy:trie=3", "greedy:trie=3") for n in names]
+  source = data.FirstRows(data.get_source(config().data, "test", s2.TokenSpec()), LIMIT)
+  truth = data.load_rows(source, np.arange(len(source)))
+  for name in names:
+    rows = _rows(evaluated, name)
+    assert [r["index"] for r in rows] == list(range(len(source)))
+    assert [r["id"] for r in rows] == truth["id"].tolist()
+    np.testing.assert_allclose([[r["true_lat"], r["true_lon"]] for r in rows], truth["latlng"], atol=1e-5)
+    # Errors against an independent float64 great-circle formula (atan2 / Vincenty form).
+    a = np.radians([[r["true_lat"], r["true_lon"]] for r in rows])
+    b = np.radians([[r["pred_lat"], r["pred_lon"]] for r in rows])
+    dlon = b[:, 1] - a[:, 1]
+    num = np.hypot(np.cos(b[:, 0]) * np.sin(dlon),
+                   np.cos(a[:, 0]) * np.sin(b[:, 0]) - np.sin(a[:, 0]) * np.cos(b[:, 0]) * np.cos(dlon))
+    den = np.sin(a[:, 0]) * np.sin(b[:, 0]) + np.cos(a[:, 0]) * np.cos(b[:, 0]) * np.cos(dlon)
+    np.testing.assert_allclose([r["error_km"] for r in rows], 6371.0 * np.arctan2(num, den), atol=1e-6)
+    for r in rows:
+      probs = [c["prob"] for c in r["candidates"]]
+      assert 1 <= len(probs) <= 3 and probs == sorted(probs, reverse=True) and sum(probs) <= 1 + 1e-5
+    row = evaluated["results"][name]
+    assert row["images"] == row["evaluated"] == LIMIT and row["skipped"] == 0
+    expected = metrics.accuracy_table(np.asarray([r["error_km"] for r in rows]))
+    for key in ("acc@25km", "acc@2500km", "median_km", "geoguessr"):
+      assert row[key] == pytest.approx(expected[key])
+    assert 0 <= row["country_acc"] <= 100
+
+
+def test_strategies_agree_where_they_must(evaluated):
+  greedy, beam1 = _rows(evaluated, "greedy"), _rows(evaluated, "beam:1")
+  assert [r["candidates"][0]["tokens"] for r in greedy] == [r["candidates"][0]["tokens"] for r in beam1]
+  beam3 = _rows(evaluated, "beam:3")
+  # The best beam is the prediction (rule logprob) and the first candidate.
+  for r in beam3:
+    assert r["chosen"] == 0
+    assert (r["pred_lat"], r["pred_lon"]) == (r["candidates"][0]["lat"], r["candidates"][0]["lon"])
+  # The three rules share one pool: the same candidates, different choices allowed.
+  pools = [_rows(evaluated, f"sample:4:0.7:{rule}") for rule in ("medoid", "vote", "mean")]
+  assert pools[0][5]["candidates"] == pools[1][5]["candidates"] == pools[2][5]["candidates"]
+  assert all(r["chosen"] == -1 for r in pools[2])  # the mean is not a candidate
+
+
+def test_constrained_strategy_stays_in_the_trie(evaluated):
+  spec = s2.TokenSpec()
+  train_tokens = data.get_source(config().data, "train", spec).tokens
+  trie = build_cell_trie(train_tokens, spec, min_count=3, num_constrained=4)  # level 6 = 4 positions
+  allowed = {tuple(s) for s in trie.allowed_sequences()}
+  for r in _rows(evaluated, "greedy:trie=3:trie_level=6"):
+    tokens = tuple(int(t) for t in r["candidates"][0]["tokens"].split("-"))
+    assert tokens[:4] in allowed
+
+
+def test_outputs_tables_and_plots(evaluated):
+  out = evaluated["output_dir"]
+  md = open(os.path.join(out, "results.md")).read()
+  for name in evaluated["results"]:
+    assert f"| {name} |" in md
+    assert os.path.getsize(os.path.join(out, "plots", f"cdf_{evaluate.file_name(name)}.png")) > 1000
+    assert os.path.getsize(os.path.join(out, "plots", f"map_{evaluate.file_name(name)}.png")) > 1000
+  saved = json.load(open(os.path.join(out, "results.json")))
+  assert saved["checkpoint_step"] == 7 and set(saved["results"]) == set(evaluated["results"])
+  with Image.open(os.path.join(out, "plots", "cdf.png")) as image:
+    assert image.size[0] > 100
+
+
+def test_rerun_resumes_and_reproduces(evaluated, workdir):
+  out = evaluated["output_dir"]
+  path = os.path.join(out, "predictions", evaluate.file_name("sample:4:0.7:vote") + ".jsonl")
+  original = open(path).read()
+  lines = original.splitlines(keepends=True)
+  # Interrupted mid-batch: 21 complete rows and half a line.
+  with open(path, "w") as f:
+    f.writelines(lines[:21])
+    f.write(lines[21][:30])
+  again = evaluate.run_evaluation(config(), str(workdir), strategy_text=STRATEGIES, limit=LIMIT, output_dir=out)
+  # Only the sample pool was decoded again, from batch 21 // 16 = 1; its rows are identical.
+  assert list(again["timings"]) == ["sample:4:0.7:logprob"]
+  assert again["timings"]["sample:4:0.7:logprob"]["images"] == LIMIT - 16
+  assert open(path).read() == original
+  for name in ("sample:4:0.7:medoid", "sample:4:0.7:mean"):
+    assert len(_rows(again, name)) == LIMIT
+  assert again["results"] == evaluated["results"]
+  # Everything done: nothing is decoded.
+  assert evaluate.run_evaluation(config(), str(workdir), strategy_text=STRATEGIES, limit=LIMIT,
+                                 output_dir=out, make_plots=False)["timings"] == {}
+
+
+def test_one_device_equals_eight(evaluated, workdir):
+  cfg = config()
+  cfg.mesh = {"data": 1, "fsdp": 1}
+  cfg.evaluate.batch_size = 8
+  out = str(workdir / "eval_one_device")
+  import jax  # noqa: PLC0415
+
+  one = evaluate.run_evaluation(cfg, str(workdir), strategy_text="beam:3,sample:4:0.7:medoid", limit=LIMIT,
+                                output_dir=out, make_plots=False, devices=jax.devices()[:1])
+  assert jax.device_count() == 8
+  for name in ("beam:3", "sample:4:0.7:medoid"):
+    a, b = _rows(one, name), _rows(evaluated, name)
+    assert [r["candidates"][0]["tokens"] for r in a] == [r["candidates"][0]["tokens"] for r in b]
+    np.testing.assert_allclose([r["error_km"] for r in a], [r["error_km"] for r in b], rtol=1e-5)
+
+
+def test_bad_arguments(workdir):
+  with pytest.raises(ValueError, match="unknown strategy"):
+    evaluate.run_evaluation(config(), str(workdir), strategy_text="nope:3", limit=LIMIT)
+  with pytest.raises(FileNotFoundError, match="step 99"):
+    evaluate.run_evaluation(config(), str(workdir), strategy_text="greedy", step=99, limit=LIMIT)
+  cfg = config()
+  cfg.evaluate.batch_size = 12
+  with pytest.raises(ValueError, match="must divide"):
+    evaluate.run_evaluation(cfg, str(workdir), strategy_text="greedy", limit=LIMIT)
+
+
+def test_predict_command(workdir, tmp_path, capsys):
+  images = []
+  for i, (lat, lon) in enumerate([(48.85, 2.35), (-33.9, 151.2)]):
+    path = tmp_path / f"photo{i}.png"
+    crop = data.crop_images(np.array([lat]), np.array([lon]), 96)[0]  # larger than the model's 64
+    Image.fromarray(crop).convert("RGBA").save(path)  # alpha: predict converts to RGB
+    images.append(str(path))
+  geojson_path = tmp_path / "out.geojson"
+  assert predict.main([*images, "--workdir", str(workdir), "--strategy", "beam:4", "--top_k", "3",
+                       "--geojson", str(geojson_path)]) == 0
+  printed = capsys.readouterr().out
+  assert printed.count("lat ") == 6 and "checkpoint step 7" in printed
+  features = json.load(open(geojson_path))["features"]
+  assert len(features) == 6
+  spec = s2.TokenSpec()
+  for f in features:
+    props = f["properties"]
+    tokens = np.asarray([int(t) for t in props["tokens"].split("-")])
+    cell = int(s2.tokens_to_cell_ids(tokens[None], spec)[0])
+    assert props["s2_token"] == predict.s2_cell_token(cell)
+    ring = np.asarray(f["geometry"]["coordinates"][0])
+    assert ring.shape == (5, 2) and (ring[0] == ring[-1]).all()
+    # The centre lies inside the cell's bounding box.
+    assert ring[:, 0].min() <= props["lon"] <= ring[:, 0].max()
+    assert ring[:, 1].min() <= props["lat"] <= ring[:, 1].max()
+  # s2_cell_token agrees with s2geometry's ToToken.
+  import s2geometry  # noqa: PLC0415
+
+  ll = s2geometry.S2LatLng.FromDegrees(48.85, 2.35)
+  cell = s2geometry.S2CellId(ll).parent(20)
+  assert predict.s2_cell_token(cell.id()) == cell.ToToken()
+  # A file that is not an image: a clear error, exit code 2.
+  bad = tmp_path / "bad.jpg"
+  bad.write_bytes(b"not an image")
+  assert predict.main([str(bad), "--workdir", str(workdir)]) == 2
+  assert "cannot read image" in capsys.readouterr().err
+
+
+def test_decode_benchmark_prints_json(capsys):
+  for argv in (["decode", "--preset", "earth_tiny", "--strategy", "beam", "--beam", "2", "--batch", "8"],
+               ["decode", "--preset", "earth_tiny", "--strategy", "sample", "--samples", "3", "--batch", "8",
+                "--rule", "medoid"]):
+    assert bench_main.main(argv + ["--steps", "1", "--warmup", "1"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["bench"] == "decode" and result["images_per_s"] > 0
+
+
+def test_evaluate_cli(workdir):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
+             PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  out = workdir / "cli_out"
+  done = subprocess.run([sys.executable, "-m", "geotoken_jax.evaluate", "--config",
+                         os.path.join(REPO, "configs/earth.py:smoke"), "--workdir", str(workdir),
+                         "--strategies", "greedy,beam:2", "--limit", "8", "--output_dir", str(out),
+                         "--noplots", "--config.evaluate.batch_size=8"],
+                        env=env, capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "| beam:2 |" in done.stdout and os.path.exists(out / "results.md")
