@@ -225,12 +225,13 @@ def _groups(wanted: Sequence[Strategy]) -> list[_Group]:
 
 
 def _progress(total: int, desc: str, initial: int):
-  if jax.process_index() != 0 or not sys.stderr.isatty() and total < 2:
+  """A tqdm bar on process 0 (batches, images/s, ETA); on a non-terminal only for long runs."""
+  if jax.process_index() != 0:
     return None
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
 
   return tqdm(total=total, initial=initial, desc=desc, unit="batch", dynamic_ncols=True,
-              disable=not sys.stderr.isatty() and total < 50)
+              disable=not sys.stderr.isatty() and total < 50, mininterval=5 if not sys.stderr.isatty() else 0.1)
 
 
 def run_evaluation(config: ml_collections.ConfigDict, workdir: str, *, strategy_text: str | None = None,
