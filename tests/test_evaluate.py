@@ -230,3 +230,27 @@ def test_evaluate_cli(workdir):
                         env=env, capture_output=True, text=True, timeout=600)
   assert done.returncode == 0, done.stderr[-3000:]
   assert "| beam:2 |" in done.stdout and os.path.exists(out / "results.md")
+
+
+def test_two_processes_evaluate_like_one(workdir, tmp_path):
+  """2 localhost processes x 2 devices (jax.distributed, gloo) write the predictions of 1 process."""
+  def command(out):
+    return [sys.executable, "-m", "geotoken_jax.evaluate", "--config", os.path.join(REPO, "configs/earth.py:smoke"),
+            "--workdir", str(workdir), "--strategies", "beam:2,sample:3:0.7:vote", "--limit", "18",
+            "--output_dir", str(out), "--noplots", "--config.evaluate.batch_size=8"]
+
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  single = subprocess.run(command(tmp_path / "one"), env=dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=4"),
+                          capture_output=True, text=True, timeout=600)
+  assert single.returncode == 0, single.stderr[-3000:]
+  multi = subprocess.run(["bash", os.path.join(REPO, "launch/local.sh"), "2", "2", "--", *command(tmp_path / "two")],
+                         env=dict(env, LOGDIR=str(tmp_path), XLA_FLAGS="--xla_force_host_platform_device_count=2"),
+                         capture_output=True, text=True, timeout=600)
+  assert multi.returncode == 0, multi.stdout[-3000:] + multi.stderr[-3000:]
+  for name in ("beam-2", "sample-3-0.7-vote"):
+    one = evaluate.read_predictions(str(tmp_path / "one" / "predictions" / f"{name}.jsonl"))
+    two = evaluate.read_predictions(str(tmp_path / "two" / "predictions" / f"{name}.jsonl"))
+    assert len(one) == len(two) == 18  # 18 = 2 batches of 8 and a padded one
+    assert [r["id"] for r in one] == [r["id"] for r in two]
+    assert [r["candidates"][0]["tokens"] for r in one] == [r["candidates"][0]["tokens"] for r in two]
+    np.testing.assert_allclose([r["error_km"] for r in one], [r["error_km"] for r in two], rtol=1e-5)
