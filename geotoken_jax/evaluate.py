@@ -95,6 +95,8 @@ def load_params(config, workdir: str, spec: s2.TokenSpec, mesh, step: int | None
 
 def training_tokens(source) -> np.ndarray:
   """The S2 tokens of every record of a source (for the cell trie)."""
+  if hasattr(source, "all_tokens"):
+    return source.all_tokens()
   if hasattr(source, "tokens"):
     return np.asarray(source.tokens)
   chunks = [data.load_rows(source, np.arange(i, min(i + 4096, len(source))))["tokens"]
@@ -162,6 +164,10 @@ def _token_string(tokens: np.ndarray) -> str:
   return "-".join(str(int(t)) for t in tokens)
 
 
+def _json_id(value):
+  return value.item() if isinstance(value, np.generic) else value
+
+
 def prediction_rows(batch: dict, out: dict, mask: np.ndarray) -> list[dict]:
   """JSON rows for one gathered batch and one rule (masked padding rows dropped)."""
   rows = []
@@ -175,8 +181,10 @@ def prediction_rows(batch: dict, out: dict, mask: np.ndarray) -> list[dict]:
                    "prob": float(out["candidate_prob"][i, j]),
                    "tokens": _token_string(out["candidate_tokens"][i, j])}
                   for j in range(out["candidate_prob"].shape[1]) if out["candidate_prob"][i, j] > 0]
+    extra = {"true_country": str(batch["country"][i])} if "country" in batch else {}
     rows.append({
-        "id": batch["id"][i].item() if "id" in batch else int(batch["index"][i]),
+        **extra,
+        "id": _json_id(batch["id"][i]) if "id" in batch else int(batch["index"][i]),
         "index": int(batch["index"][i]),
         "true_lat": float(truth[i, 0]) if valid_truth[i] else None,
         "true_lon": float(truth[i, 1]) if valid_truth[i] else None,
@@ -188,21 +196,44 @@ def prediction_rows(batch: dict, out: dict, mask: np.ndarray) -> list[dict]:
   return rows
 
 
+def _host_field(source, local: dict, key: str, index: np.ndarray, process_count: int) -> np.ndarray:
+  """A field of every row of the global batch on this process (numeric: all-gathered;
+  text: this process's rows, the others' read from the source)."""
+  values = np.asarray(local[key])
+  if process_count == 1:
+    return values
+  if values.dtype.kind in "biuf":
+    return np.asarray(multihost_utils.process_allgather(values, tiled=True))
+  rows = np.minimum(index, len(source) - 1)
+  return np.asarray(data.load_rows(source, rows)[key])
+
+
 def read_predictions(path: str) -> list[dict]:
   with open(path) as f:
     return [json.loads(line) for line in f if line.strip()]
 
 
-def score_predictions(rows: list[dict], true_countries: np.ndarray | None = None) -> dict:
-  """The results row of one strategy from its prediction rows."""
+def truth_countries(rows: list[dict]) -> np.ndarray:
+  """ISO-2 codes of the evaluated rows' true locations: the data's own when it has
+  them (OSV-5M), else reverse-geocoded (rows without a code stay unknown: "")."""
+  evaluated = [r for r in rows if r["error_km"] is not None]
+  truth = np.asarray([[r["true_lat"], r["true_lon"]] for r in evaluated], np.float64).reshape(-1, 2)
+  if any(r.get("true_country") for r in evaluated):
+    return np.asarray([r.get("true_country") or "" for r in evaluated], dtype=object)
+  return geocode.country_codes(truth) if len(truth) else np.zeros(0, "<U2")
+
+
+def score_predictions(rows: list[dict], true_countries: np.ndarray | None = None, *,
+                      skipped_before: int = 0) -> dict:
+  """The results row of one strategy from its prediction rows; `skipped_before` counts
+  images rejected before evaluation (at data preparation), so the denominator is honest."""
   evaluated = [r for r in rows if r["error_km"] is not None]
   distances = np.asarray([r["error_km"] for r in evaluated], np.float64)
   predicted = np.asarray([[r["pred_lat"], r["pred_lon"]] for r in evaluated], np.float64).reshape(-1, 2)
-  truth = np.asarray([[r["true_lat"], r["true_lon"]] for r in evaluated], np.float64).reshape(-1, 2)
   if true_countries is None:
-    true_countries = geocode.country_codes(truth) if len(truth) else np.zeros(0, "<U2")
+    true_countries = truth_countries(rows)
   predicted_countries = geocode.country_codes(predicted) if len(predicted) else np.zeros(0, "<U2")
-  return metrics.accuracy_table(distances, skipped=len(rows) - len(evaluated),
+  return metrics.accuracy_table(distances, skipped=len(rows) - len(evaluated) + skipped_before,
                                 predicted_countries=predicted_countries, true_countries=true_countries)
 
 
@@ -255,6 +286,9 @@ def run_evaluation(config: ml_collections.ConfigDict, workdir: str, *, strategy_
   if limit:
     source = data.FirstRows(source, limit)
   num_records = len(source)
+  # Images rejected when the data set was prepared (missing, undecodable, ...)
+  # count as skipped: the table's denominator is the data set's, not ours.
+  prepared_rejected = 0 if limit else int(getattr(source, "rejected", 0))
   output_dir = output_dir or os.path.join(workdir, "eval", f"{split}-step{step}")
   if process_index == 0:
     os.makedirs(os.path.join(output_dir, "predictions"), exist_ok=True)
@@ -301,12 +335,16 @@ def run_evaluation(config: ml_collections.ConfigDict, workdir: str, *, strategy_
         local = next(batches)
         rows = (number * process_count + process_index) * batch_size + np.arange(batch_size)
         local["index"] = rows.astype(np.int32)
-        device_batch = sharding.make_global_batch(
-            {k: v for k, v in local.items() if k != "id"}, mesh)
+        device_batch = sharding.make_global_batch(train._device_fields(local), mesh)  # pylint: disable=protected-access
         out = decode(params, device_batch)
         out = jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)), out)
         gathered = {k: np.asarray(multihost_utils.process_allgather(local[k], tiled=True))
-                    for k in ("latlng", "index", "mask") + (("id",) if "id" in local else ())}
+                    for k in ("latlng", "index", "mask")}
+        # Text fields (string ids, country codes) cannot be all-gathered: only
+        # process 0 writes, and it reads its missing rows from the source.
+        for key in ("id", "country"):
+          if key in local:
+            gathered[key] = _host_field(source, local, key, gathered["index"], process_count)
         images += int(gathered["mask"].sum())
         if process_index == 0:
           for rule, f in files.items():
@@ -329,11 +367,9 @@ def run_evaluation(config: ml_collections.ConfigDict, workdir: str, *, strategy_
       rows = read_predictions(os.path.join(output_dir, "predictions", file_name(s.name) + ".jsonl"))
       if len(rows) != num_records:
         raise RuntimeError(f"{s.name}: {len(rows)} predictions for {num_records} images")
-      if true_countries is None:  # the same truth for every strategy: geocode it once
-        truth = np.asarray([[r["true_lat"], r["true_lon"]] for r in rows if r["error_km"] is not None],
-                           np.float64).reshape(-1, 2)
-        true_countries = geocode.country_codes(truth) if len(truth) else np.zeros(0, "<U2")
-      results[s.name] = score_predictions(rows, true_countries)
+      if true_countries is None:  # the same truth for every strategy: once
+        true_countries = truth_countries(rows)
+      results[s.name] = score_predictions(rows, true_countries, skipped_before=prepared_rejected)
       if make_plots:
         distances = np.asarray([r["error_km"] for r in rows if r["error_km"] is not None])
         plots.error_cdf({s.name: distances}, os.path.join(output_dir, "plots", f"cdf_{file_name(s.name)}.png"),

@@ -187,7 +187,9 @@ def evaluate(eval_step: Callable, params, batches: Iterable[dict], mesh) -> dict
 
 
 def _device_fields(batch: dict) -> dict:
-  return {k: v for k, v in batch.items() if k not in _HOST_ONLY_FIELDS}
+  """The numeric fields (ids and text such as country codes stay on the host)."""
+  return {k: v for k, v in batch.items()
+          if k not in _HOST_ONLY_FIELDS and np.asarray(v).dtype.kind in "biuf"}
 
 
 # ---------------------------------------------------------------------------
@@ -279,7 +281,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if process_index == 0:  # evaluate / predict rebuild the model from the workdir alone
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=1))
-  train_source = data.get_source(config.data, "train", spec)
+  train_source = data.get_source(config.data, "train", spec, seed=config.seed)
   steps_per_epoch = max(len(train_source) // config.batch_size, 1)
   total_steps = config.num_steps or config.num_epochs * steps_per_epoch
   train_iter = data.train_iterator(train_source, global_batch_size=config.batch_size, seed=config.seed,

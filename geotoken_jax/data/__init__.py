@@ -29,21 +29,45 @@ from geotoken_jax.data.pipeline import (
     train_iterator,
 )
 
-DATASETS = ("earth",)
+TFDS_DATASETS = ("mp16", "im2gps3k", "yfcc4k", "osv5m", "geo_csv")
+DATASETS = ("earth",) + TFDS_DATASETS
 
 
-def get_source(data_config, split: str, spec: s2.TokenSpec):
+def resolve_split(data_config, split: str) -> tuple[str, str]:
+  """(data set, its split) for one of our splits.
+
+  data_config.splits maps train / validation / test to "DATASET:SPLIT" or
+  "SPLIT" (of data_config.name); a split given as "DATASET:SPLIT" is used as is.
+  """
+  mapped = dict(data_config.get("splits") or {}).get(split, split)
+  dataset, sep, name = str(mapped).partition(":")
+  return (dataset, name) if sep else (data_config["name"], dataset)
+
+
+def get_source(data_config, split: str, spec: s2.TokenSpec, *, seed: int = 0):
   """The random-access source for `split` of the data set a config names.
 
-  data_config is a mapping (dict or ml_collections.ConfigDict) with "name" and,
-  for "earth", an optional "image_size" (default 64). An optional "eval_limit"
+  data_config is a mapping (dict or ml_collections.ConfigDict) with "name":
+  "earth" (optional "image_size", default 64) or a prepared TFDS data set
+  (TFDS_DATASETS; "data_dir", "image_size", "augment" for the train split,
+  optional "splits" mapping, see resolve_split).  An optional "eval_limit"
   keeps only the first records of the evaluation splits.
   """
-  name = data_config["name"]
-  if name == "earth":
-    source = EarthSource(split, spec, image_size=data_config.get("image_size", earth.DEFAULT_IMAGE_SIZE))
+  dataset, dataset_split = resolve_split(data_config, split)
+  if dataset == "earth":
+    source = EarthSource(dataset_split, spec,
+                         image_size=data_config.get("image_size", earth.DEFAULT_IMAGE_SIZE))
+  elif dataset in TFDS_DATASETS:
+    from geotoken_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
+
+    if not data_config.get("data_dir"):
+      raise ValueError(f"data set {dataset!r} needs data.data_dir (where it was prepared)")
+    source = tfds_source.TfdsSource(
+        tfds_source.dataset_dir(data_config["data_dir"], dataset), dataset_split, spec,
+        image_size=data_config.get("image_size", 224),
+        augment=split == "train" and bool(data_config.get("augment", False)), seed=seed)
   else:
-    raise ValueError(f"unknown data set {name!r}; available: {', '.join(DATASETS)}")
+    raise ValueError(f"unknown data set {dataset!r}; available: {', '.join(DATASETS)}")
   limit = data_config.get("eval_limit", 0)
   if split != "train" and limit:
     source = FirstRows(source, limit)

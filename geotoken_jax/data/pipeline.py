@@ -76,28 +76,35 @@ def _shuffle_seed(seed: int) -> int:
   return int(x[0] & np.uint64(0xFFFFFFFF))
 
 
-def load_rows(source, rows: np.ndarray) -> dict[str, np.ndarray]:
-  """Records `rows` of a source stacked along a new leading axis."""
+def load_rows(source, rows: np.ndarray, positions: np.ndarray | None = None) -> dict[str, np.ndarray]:
+  """Records `rows` of a source stacked along a new leading axis.  A source whose
+  get_batch takes `positions` (training stream positions) seeds augmentation with them."""
   rows = np.asarray(rows, np.int64)
   get_batch = getattr(source, "get_batch", None)
   if get_batch is not None:
+    if positions is not None and getattr(source, "augment", False):
+      return get_batch(rows, positions=positions)
     return get_batch(rows)
   records = [source[int(row)] for row in rows]
   return {key: np.stack([np.asarray(record[key]) for record in records]) for key in records[0]}
 
 
 def _stack_rows(rows) -> np.ndarray:
-  return np.asarray(rows, np.int64)  # [B]
+  return np.asarray(rows, np.int64)  # [B, 2]: (stream position, record index)
+
+
+def _with_position(position: int, row: int) -> tuple[int, int]:
+  return position, row
 
 
 class _LoadRows:
-  """Index batch -> record batch; a class (not a closure) so workers can unpickle it."""
+  """(position, index) batch -> record batch; a class (not a closure) so workers can unpickle it."""
 
   def __init__(self, source):
     self.source = source
 
   def __call__(self, rows: np.ndarray) -> dict[str, np.ndarray]:
-    return load_rows(self.source, rows)
+    return load_rows(self.source, rows[:, 1], positions=rows[:, 0])
 
 
 def _allow_unparsed_absl_flags() -> None:
@@ -196,6 +203,7 @@ def train_iterator(source, *, global_batch_size: int, seed: int, process_index: 
     raise ValueError(f"cannot train on an empty source: {source!r}")
   # Stream position -> record index: a fresh permutation per epoch, forever.
   ds = grain.MapDataset.range(num_records).shuffle(seed=_shuffle_seed(seed)).repeat()
+  ds = ds.map_with_index(_with_position)  # the position seeds per-example augmentation
   # Chunk j of B positions; global batch k is chunks kP .. kP + P - 1, in process order.
   ds = ds.batch(batch_size, batch_fn=_stack_rows)
   ds = ds.slice(slice(process_index, None, process_count))
