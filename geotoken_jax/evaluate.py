@@ -289,7 +289,7 @@ def run_evaluation(config: ml_collections.ConfigDict, workdir: str, *, strategy_
   # Images rejected when the data set was prepared (missing, undecodable, ...)
   # count as skipped: the table's denominator is the data set's, not ours.
   prepared_rejected = 0 if limit else int(getattr(source, "rejected", 0))
-  output_dir = output_dir or os.path.join(workdir, "eval", f"{split}-step{step}")
+  output_dir = output_dir or os.path.join(workdir, "eval", f"{file_name(split)}-step{step}")
   if process_index == 0:
     os.makedirs(os.path.join(output_dir, "predictions"), exist_ok=True)
     with open(os.path.join(output_dir, "run.json"), "w") as f:

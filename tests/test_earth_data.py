@@ -185,7 +185,9 @@ def test_get_source_from_config():
   source = data.get_source(ml_collections.ConfigDict({"name": "earth", "image_size": 16}), "test", SPEC)
   assert isinstance(source, earth.EarthSource) and source.image_size == 16
   assert data.get_source({"name": "earth"}, "validation", SPEC).image_size == 64
-  with pytest.raises(ValueError, match="unknown data set"):
+  with pytest.raises(ValueError, match="unknown data set 'nope'"):
+    data.get_source({"name": "nope"}, "test", SPEC)
+  with pytest.raises(ValueError, match="'mp16' needs data.data_dir"):
     data.get_source({"name": "mp16"}, "test", SPEC)
 
 
