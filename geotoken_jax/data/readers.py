@@ -153,7 +153,8 @@ class FolderImages:
 class TarImages:
   """Members of an uncompressed tar, read by offset (no extraction, no pickle).
 
-  The index (member names relative to the tar's common top folder, data
+  An id is looked up as a member name relative to any ancestor folder of the
+  members' common folder (or the tar's root).  The index (member names, data
   offsets, sizes; plus the tar's size and mtime to detect a changed file) is
   built on first use and cached as `index_path` (default: TAR.index.npz).
   """
@@ -164,6 +165,7 @@ class TarImages:
     self.tar_path = tar_path
     self.index_path = index_path or tar_path + ".index.npz"
     self._lookup: dict[str, int] | None = None
+    self._prefixes: tuple[str, ...] = ("",)
     self._offsets = self._sizes = None
     self._fd: dict[int, int] = {}
 
@@ -187,12 +189,8 @@ class TarImages:
     except tarfile.ReadError as e:
       raise ValueError(f"{self.tar_path} is not an uncompressed tar ({e}); images must be "
                        "readable at offsets, so decompress it first") from None
-    top = os.path.commonpath(names) if len(names) > 1 else os.path.dirname(names[0]) if names else ""
-    if names and top in names:  # a single file: keep its name
-      top = os.path.dirname(top)
-    strip = len(top) + 1 if top else 0
     tmp = self.index_path + ".tmp.npz"
-    np.savez(tmp, names=np.asarray([n[strip:] for n in names], dtype=str),
+    np.savez(tmp, names=np.asarray(names, dtype=str),
              offsets=np.asarray(offsets, np.int64), sizes=np.asarray(sizes, np.int64),
              tar_size=np.int64(stat.st_size), tar_mtime=np.float64(stat.st_mtime))
     os.replace(tmp, self.index_path)
@@ -210,6 +208,15 @@ class TarImages:
       names = index["names"]
       self._offsets, self._sizes = index["offsets"], index["sizes"]
     self._lookup = {str(n): i for i, n in enumerate(names)}
+    # Ids are relative to some folder of the tar (MP16-Pro: its top folder;
+    # a subset tar may nest deeper): try the id under every ancestor of the
+    # members' common folder, deepest first, then as given.
+    common = os.path.commonpath(list({os.path.dirname(n) for n in self._lookup})) if self._lookup else ""
+    prefixes = []
+    while common:
+      prefixes.append(common + "/")
+      common = os.path.dirname(common)
+    self._prefixes = tuple(prefixes) + ("",)
 
   def __len__(self) -> int:
     if self._lookup is None:
@@ -219,7 +226,7 @@ class TarImages:
   def get(self, image_id: str) -> bytes | None:
     if self._lookup is None:
       self._load()
-    i = self._lookup.get(image_id)
+    i = next((self._lookup[p + image_id] for p in self._prefixes if p + image_id in self._lookup), None)
     if i is None:
       return None
     pid = os.getpid()  # one descriptor per process; pread needs no seek, so threads share it

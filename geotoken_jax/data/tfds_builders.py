@@ -21,7 +21,8 @@ Builders and the layout each expects in manual_dir (file names overridable):
   geo_csv    any CSV + image folder: csv_files={split: file}, image_dir, column names
 
 Validation: each row is written or rejected for exactly one reason, checked in
-this order: duplicate_id (the first occurrence is kept), bad_coordinates (NaN,
+this order: duplicate_id (the first occurrence is kept, and decides: if it is
+rejected for another reason, its repeats are still duplicates), bad_coordinates (NaN,
 unparsable, |lat| > 90, |lon| > 180), missing_image, undecodable_image.  The
 counts (and the first ids per reason) go to a JSON summary per split, next to
 the prepared data.  Reading, decoding and re-encoding run in a process pool
@@ -203,8 +204,9 @@ class GeoBuilder(tfds.core.GeneratorBasedBuilder):
         description=(self.__doc__ or "").strip(),
         features=tfds.features.FeaturesDict({
             "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
-            "latitude": tfds.features.Scalar(np.float64),
-            "longitude": tfds.features.Scalar(np.float64),
+            # Raw bytes: tf.train.Example keeps floats as float32, which would round the degrees.
+            "latitude": tfds.features.Tensor(shape=(), dtype=np.float64, encoding=tfds.features.Encoding.BYTES),
+            "longitude": tfds.features.Tensor(shape=(), dtype=np.float64, encoding=tfds.features.Encoding.BYTES),
             "tokens": tfds.features.Tensor(shape=(self.spec.num_positions,), dtype=np.int32),
             "id": tfds.features.Text(),
             "country": tfds.features.Text(),
@@ -331,7 +333,12 @@ BUILDERS = {"mp16": Mp16, "im2gps3k": Im2gps3k, "yfcc4k": Yfcc4k, "osv5m": Osv5m
 
 
 def prepare(dataset: str, manual_dir: str, data_dir: str, **options) -> dict[str, dict]:
-  """Prepares a data set; returns (and writes next to the data) one summary per split."""
+  """Prepares a data set; returns (and writes next to the data) one summary per split.
+
+  With workers > 1 the images are read in spawned processes, which re-import
+  the caller's main module: a script calling this must keep its entry point
+  under `if __name__ == "__main__":` (the prepare CLI does).
+  """
   if dataset not in BUILDERS:
     raise ValueError(f"unknown dataset {dataset!r}; choose from {', '.join(BUILDERS)}")
   if not os.path.isdir(manual_dir):
