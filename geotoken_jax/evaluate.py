@@ -226,7 +226,8 @@ def truth_countries(rows: list[dict]) -> np.ndarray:
 def score_predictions(rows: list[dict], true_countries: np.ndarray | None = None, *,
                       skipped_before: int = 0) -> dict:
   """The results row of one strategy from its prediction rows; `skipped_before` counts
-  images rejected before evaluation (at data preparation), so the denominator is honest."""
+  images rejected before evaluation (at data preparation); accuracies are over the
+  evaluated images and `skipped` is reported beside them."""
   evaluated = [r for r in rows if r["error_km"] is not None]
   distances = np.asarray([r["error_km"] for r in evaluated], np.float64)
   predicted = np.asarray([[r["pred_lat"], r["pred_lon"]] for r in evaluated], np.float64).reshape(-1, 2)
@@ -287,7 +288,7 @@ def run_evaluation(config: ml_collections.ConfigDict, workdir: str, *, strategy_
     source = data.FirstRows(source, limit)
   num_records = len(source)
   # Images rejected when the data set was prepared (missing, undecodable, ...)
-  # count as skipped: the table's denominator is the data set's, not ours.
+  # are reported as skipped, so images + skipped is the metadata's row count.
   prepared_rejected = 0 if limit else int(getattr(source, "rejected", 0))
   output_dir = output_dir or os.path.join(workdir, "eval", f"{file_name(split)}-step{step}")
   if process_index == 0:
