@@ -19,13 +19,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.tokens = ml_collections.ConfigDict({"level": 20, "group_size": 2})
-  config.data = ml_collections.ConfigDict({"name": "earth", "image_size": 64, "worker_count": 0})
+  # data_dir: where `prepare` wrote data sets, for evaluating this model on them
+  # (evaluate --split yfcc4k:test --data_dir D); the earth data itself needs none.
+  config.data = ml_collections.ConfigDict({"name": "earth", "image_size": 64, "worker_count": 0,
+                                           "data_dir": ""})
   # earth_tiny narrowed to width 128 (3x faster on 2 CPU cores than width 192):
   # 64 patch tokens of 8x8 px, 4 encoder + 3 decoder layers, 2 heads.
   config.model = models.model_config("earth_tiny")
   config.model.vit.update(width=128, num_heads=2, mlp_dim=512)
   config.model.update(d_model=128, num_heads=2, ff_dim=512, decoder_layers=3)
 
+  # Sizes within a slice / process group; add "dcn": {"data": N} for N slices or
+  # processes joined over the data-centre network (geotoken_jax.sharding.create_mesh).
   config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
   config.sharding_rules = sharding.DEFAULT_RULES
 
@@ -46,6 +51,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.test_split = "test"
   config.checkpoint_every_steps = 500
   config.max_checkpoints = 3
+  # A step with a non-finite loss or gradient is skipped and counted; this many
+  # in a row stop the run (exit status 1) naming the last good checkpoint.
+  config.max_consecutive_nonfinite = 20
+  # Several processes: how often the SIGTERM flags are all-gathered when JAX's
+  # preemption sync point is not available (one process checks every step).
+  config.preemption_check_every_steps = 10
+  config.validation_strategy = "greedy"  # the trainer's validation / test row
 
   # python -m geotoken_jax.evaluate: the paper's strategies (greedy, beam, a pool
   # of 30 samples at T = 0.7 under each selection rule; the pool is decoded once).

@@ -20,7 +20,7 @@ make the size depend on the labels).
 
 from __future__ import annotations
 
-import os
+import io
 
 from collections.abc import Mapping
 
@@ -45,10 +45,15 @@ def _figure(figsize):
 
 
 def _save(fig, path) -> str:
-  path = str(path)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, format="png", dpi=DPI)
-  return path
+  """PNG bytes written through etils.epath: `path` may be local or a gs:// / s3:// URL."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format="png", dpi=DPI)
+  target = epath.Path(path)
+  target.parent.mkdir(parents=True, exist_ok=True)
+  target.write_bytes(buffer.getvalue())
+  return str(path)
 
 
 # ----------------------------------------------------------------------------

@@ -85,3 +85,27 @@ def test_s2_benchmark_prints_one_json_line():
   for key in ("encode_points_per_s", "s2geometry_loop_points_per_s", "s2sphere_loop_points_per_s",
               "speedup_vs_s2geometry"):
     assert report[key] > 0
+
+
+def test_geotoken_console_script_dispatches_to_every_command(capsys):
+  from geotoken_jax import cli  # noqa: PLC0415
+
+  assert cli.main(["--help"]) == 0
+  assert "geotoken evaluate" in capsys.readouterr().out
+  assert cli.main(["nope"]) == 2
+  assert "unknown command 'nope'" in capsys.readouterr().err
+  # absl commands parse their flags; a missing --workdir is a usage error, not a traceback.
+  assert cli.main(["evaluate"]) == 2
+  assert "--workdir is required" in capsys.readouterr().err
+  assert cli.main(["predict", "--workdir", "/nonexistent"]) == 2
+  assert cli.main(["train", "--bogus_flag=1"]) == 2
+  assert "bogus_flag" in capsys.readouterr().err
+  # argparse commands get their arguments.
+  with pytest.raises(SystemExit):
+    cli.main(["tokenize", "--help"])
+  assert "--input" in capsys.readouterr().out
+  # The script is installed with the package.
+  import importlib.metadata  # noqa: PLC0415
+
+  scripts = {e.name: e.value for e in importlib.metadata.entry_points(group="console_scripts")}
+  assert scripts.get("geotoken") == "geotoken_jax.cli:main"

@@ -7,12 +7,14 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
 
-from geotoken_jax import checkpoint, data, evaluate, metrics, predict, s2, sharding, train
+from geotoken_jax import checkpoint, command_line, data, evaluate, inference, metrics, predict, s2, sharding, trainer
 from geotoken_jax.bench import __main__ as bench_main
+from geotoken_jax import decoding
 from geotoken_jax.decoding import build_cell_trie
 
 from test_train import REPO, earth_config
@@ -35,7 +37,7 @@ def workdir(tmp_path_factory):
   cfg = config()
   spec = s2.TokenSpec(cfg.tokens.level, cfg.tokens.group_size)
   mesh = sharding.create_mesh(cfg.mesh)
-  _, state = train.create_train_state(cfg, spec, mesh, total_steps=10, steps_per_epoch=10)
+  _, state = trainer.create_train_state(cfg, spec, mesh, total_steps=10, steps_per_epoch=10)
   ckpt = checkpoint.Checkpointer(str(path / "checkpoints"), async_save=False)
   ckpt.save(7, state, force=True)
   ckpt.close()
@@ -46,14 +48,14 @@ def workdir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def evaluated(workdir):
   out = str(workdir / "eval_out")
-  result = evaluate.run_evaluation(config(), str(workdir), strategy_text=STRATEGIES, limit=LIMIT,
+  result = inference.run_evaluation(config(), str(workdir), strategy_text=STRATEGIES, limit=LIMIT,
                                    output_dir=out)
   return result
 
 
 def _rows(result, name):
-  return evaluate.read_predictions(os.path.join(result["output_dir"], "predictions",
-                                                evaluate.file_name(name) + ".jsonl"))
+  return inference.read_predictions(os.path.join(result["output_dir"], "predictions",
+                                                inference.file_name(name) + ".jsonl"))
 
 
 def test_every_strategy_writes_all_images(evaluated):
@@ -115,8 +117,8 @@ def test_outputs_tables_and_plots(evaluated):
   md = open(os.path.join(out, "results.md")).read()
   for name in evaluated["results"]:
     assert f"| {name} |" in md
-    assert os.path.getsize(os.path.join(out, "plots", f"cdf_{evaluate.file_name(name)}.png")) > 1000
-    assert os.path.getsize(os.path.join(out, "plots", f"map_{evaluate.file_name(name)}.png")) > 1000
+    assert os.path.getsize(os.path.join(out, "plots", f"cdf_{inference.file_name(name)}.png")) > 1000
+    assert os.path.getsize(os.path.join(out, "plots", f"map_{inference.file_name(name)}.png")) > 1000
   saved = json.load(open(os.path.join(out, "results.json")))
   assert saved["checkpoint_step"] == 7 and set(saved["results"]) == set(evaluated["results"])
   with Image.open(os.path.join(out, "plots", "cdf.png")) as image:
@@ -125,14 +127,14 @@ def test_outputs_tables_and_plots(evaluated):
 
 def test_rerun_resumes_and_reproduces(evaluated, workdir):
   out = evaluated["output_dir"]
-  path = os.path.join(out, "predictions", evaluate.file_name("sample:4:0.7:vote") + ".jsonl")
+  path = os.path.join(out, "predictions", inference.file_name("sample:4:0.7:vote") + ".jsonl")
   original = open(path).read()
   lines = original.splitlines(keepends=True)
   # Interrupted mid-batch: 21 complete rows and half a line.
   with open(path, "w") as f:
     f.writelines(lines[:21])
     f.write(lines[21][:30])
-  again = evaluate.run_evaluation(config(), str(workdir), strategy_text=STRATEGIES, limit=LIMIT, output_dir=out)
+  again = inference.run_evaluation(config(), str(workdir), strategy_text=STRATEGIES, limit=LIMIT, output_dir=out)
   # Only the sample pool was decoded again, from batch 21 // 16 = 1; its rows are identical.
   assert list(again["timings"]) == ["sample:4:0.7:logprob"]
   assert again["timings"]["sample:4:0.7:logprob"]["images"] == LIMIT - 16
@@ -141,7 +143,7 @@ def test_rerun_resumes_and_reproduces(evaluated, workdir):
     assert len(_rows(again, name)) == LIMIT
   assert again["results"] == evaluated["results"]
   # Everything done: nothing is decoded.
-  assert evaluate.run_evaluation(config(), str(workdir), strategy_text=STRATEGIES, limit=LIMIT,
+  assert inference.run_evaluation(config(), str(workdir), strategy_text=STRATEGIES, limit=LIMIT,
                                  output_dir=out, make_plots=False)["timings"] == {}
 
 
@@ -152,7 +154,7 @@ def test_one_device_equals_eight(evaluated, workdir):
   out = str(workdir / "eval_one_device")
   import jax  # noqa: PLC0415
 
-  one = evaluate.run_evaluation(cfg, str(workdir), strategy_text="beam:3,sample:4:0.7:medoid", limit=LIMIT,
+  one = inference.run_evaluation(cfg, str(workdir), strategy_text="beam:3,sample:4:0.7:medoid", limit=LIMIT,
                                 output_dir=out, make_plots=False, devices=jax.devices()[:1])
   assert jax.device_count() == 8
   for name in ("beam:3", "sample:4:0.7:medoid"):
@@ -163,13 +165,17 @@ def test_one_device_equals_eight(evaluated, workdir):
 
 def test_bad_arguments(workdir):
   with pytest.raises(ValueError, match="unknown strategy"):
-    evaluate.run_evaluation(config(), str(workdir), strategy_text="nope:3", limit=LIMIT)
+    inference.run_evaluation(config(), str(workdir), strategy_text="nope:3", limit=LIMIT)
   with pytest.raises(FileNotFoundError, match="step 99"):
-    evaluate.run_evaluation(config(), str(workdir), strategy_text="greedy", step=99, limit=LIMIT)
+    inference.run_evaluation(config(), str(workdir), strategy_text="greedy", step=99, limit=LIMIT)
   cfg = config()
   cfg.evaluate.batch_size = 12
-  with pytest.raises(ValueError, match="must divide"):
-    evaluate.run_evaluation(cfg, str(workdir), strategy_text="greedy", limit=LIMIT)
+  with pytest.raises(ValueError, match="evaluate.batch_size 12 must be a positive multiple"):
+    inference.run_evaluation(cfg, str(workdir), strategy_text="greedy", limit=LIMIT)
+
+
+def _predict(*argv):
+  return command_line.call(predict.main, ["predict", *argv])
 
 
 def test_predict_command(workdir, tmp_path, capsys):
@@ -180,8 +186,8 @@ def test_predict_command(workdir, tmp_path, capsys):
     Image.fromarray(crop).convert("RGBA").save(path)  # alpha: predict converts to RGB
     images.append(str(path))
   geojson_path = tmp_path / "out.geojson"
-  assert predict.main([*images, "--workdir", str(workdir), "--strategy", "beam:4", "--top_k", "3",
-                       "--geojson", str(geojson_path)]) == 0
+  assert _predict(*images, "--workdir", str(workdir), "--strategy", "beam:4", "--top_k", "3",
+                  "--geojson", str(geojson_path)) == 0
   printed = capsys.readouterr().out
   assert printed.count("lat ") == 6 and "checkpoint step 7" in printed
   features = json.load(open(geojson_path))["features"]
@@ -191,7 +197,7 @@ def test_predict_command(workdir, tmp_path, capsys):
     props = f["properties"]
     tokens = np.asarray([int(t) for t in props["tokens"].split("-")])
     cell = int(s2.tokens_to_cell_ids(tokens[None], spec)[0])
-    assert props["s2_token"] == predict.s2_cell_token(cell)
+    assert props["s2_token"] == inference.s2_cell_token(cell)
     ring = np.asarray(f["geometry"]["coordinates"][0])
     assert ring.shape == (5, 2) and (ring[0] == ring[-1]).all()
     # The centre lies inside the cell's bounding box.
@@ -202,12 +208,50 @@ def test_predict_command(workdir, tmp_path, capsys):
 
   ll = s2geometry.S2LatLng.FromDegrees(48.85, 2.35)
   cell = s2geometry.S2CellId(ll).parent(20)
-  assert predict.s2_cell_token(cell.id()) == cell.ToToken()
-  # A file that is not an image: a clear error, exit code 2.
-  bad = tmp_path / "bad.jpg"
-  bad.write_bytes(b"not an image")
-  assert predict.main([str(bad), "--workdir", str(workdir)]) == 2
-  assert "cannot read image" in capsys.readouterr().err
+  assert inference.s2_cell_token(cell.id()) == cell.ToToken()
+
+
+def test_predict_streams_a_folder_and_survives_unreadable_files(workdir, tmp_path, capsys):
+  """7 readable crops and 2 broken files in a folder, batches of 3: the broken ones are
+  reported, the rest predicted exactly as evaluation predicts them (same preprocessing)."""
+  folder = tmp_path / "photos"
+  (folder / "sub").mkdir(parents=True)
+  lat, lon = data.load_coordinates()
+  rows = data.split_indices("test")[:7]
+  crops = data.crop_images(lat[rows], lon[rows], 64)
+  names = []
+  for i, crop in enumerate(crops):
+    name = f"{i:02d}.png" if i % 2 else f"sub/{i:02d}.png"
+    Image.fromarray(crop).save(folder / name)
+    names.append(str(folder / name))
+  (folder / "03_truncated.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+  (folder / "sub" / "99_text.png").write_text("not an image")
+  (folder / "notes.txt").write_text("ignored: not an image suffix")
+  out = tmp_path / "preds.jsonl"
+  status = _predict(str(folder), "--workdir", str(workdir), "--strategy", "greedy", "--top_k", "1",
+                    "--batch_size", "3", "--output", str(out))
+  captured = capsys.readouterr()
+  assert status == 1
+  assert "03_truncated.jpg" in captured.err and "99_text.png" in captured.err
+  assert "2 of 9 image(s) could not be read" in captured.err
+  written = [json.loads(line) for line in out.read_text().splitlines()]
+  assert sorted(r["image"] for r in written) == sorted(names)
+  # The same images through the evaluation path (EarthSource crops, greedy).
+  restored = inference.restore_model(str(workdir), devices=jax.devices()[:1])
+  strategy = decoding.strategies.parse_strategies("greedy", restored.spec)
+  predictor = inference.Predictor.from_restored(restored, strategy, num_candidates=1)
+  batch = {"image": crops, "index": np.arange(7, dtype=np.int32)}
+  expected = jax.device_get(predictor(sharding.make_global_batch(batch, restored.mesh))["greedy"])
+  by_name = {r["image"]: r for r in written}
+  for i, name in enumerate(names):
+    assert by_name[name]["candidates"][0]["tokens"] == "-".join(str(int(t)) for t in expected["candidate_tokens"][i, 0])
+  # CSV output: one line per candidate with a header.
+  csv_out = tmp_path / "preds.csv"
+  assert _predict(*names[:2], "--workdir", str(workdir), "--top_k", "2", "--output", str(csv_out)) == 0
+  lines = csv_out.read_text().splitlines()
+  assert lines[0].startswith("image,rank,lat,lon,probability") and len(lines) == 1 + 4
+  capsys.readouterr()
+  assert _predict("--workdir", str(workdir)) == 2
 
 
 def test_decode_benchmark_prints_json(capsys):
@@ -248,9 +292,46 @@ def test_two_processes_evaluate_like_one(workdir, tmp_path):
                          capture_output=True, text=True, timeout=600)
   assert multi.returncode == 0, multi.stdout[-3000:] + multi.stderr[-3000:]
   for name in ("beam-2", "sample-3-0.7-vote"):
-    one = evaluate.read_predictions(str(tmp_path / "one" / "predictions" / f"{name}.jsonl"))
-    two = evaluate.read_predictions(str(tmp_path / "two" / "predictions" / f"{name}.jsonl"))
+    one = inference.read_predictions(str(tmp_path / "one" / "predictions" / f"{name}.jsonl"))
+    two = inference.read_predictions(str(tmp_path / "two" / "predictions" / f"{name}.jsonl"))
     assert len(one) == len(two) == 18  # 18 = 2 batches of 8 and a padded one
     assert [r["id"] for r in one] == [r["id"] for r in two]
     assert [r["candidates"][0]["tokens"] for r in one] == [r["candidates"][0]["tokens"] for r in two]
     np.testing.assert_allclose([r["error_km"] for r in one], [r["error_km"] for r in two], rtol=1e-5)
+
+
+def test_evaluate_a_labelled_folder_like_the_split(workdir, tmp_path, capsys):
+  """The earth test split exported as CSV + PNG files, evaluated with --csv/--image_dir, gives
+  the table --split test gives; rejected rows of the folder are the `skipped` column."""
+  from geotoken_jax.data import earth  # noqa: PLC0415
+
+  export_dir = tmp_path / "export"
+  assert earth.main(["export", "--split", "test", "--output", str(export_dir), "--limit", "24",
+                     "--format", "png"]) == 0
+  strategies = "greedy,beam:3,sample:4:0.7:medoid"
+  common = ["evaluate", "--workdir", str(workdir), "--strategies", strategies, "--noplots"]
+  assert command_line.call(evaluate.main, [*common, "--split", "test", "--limit", "24",
+                                           "--output_dir", str(tmp_path / "split")]) == 0
+  csv_path = next(export_dir.glob("*.csv"))
+  image_dir = next(p for p in export_dir.iterdir() if p.is_dir())
+  assert command_line.call(evaluate.main, [*common, "--csv", str(csv_path), "--image_dir", str(image_dir),
+                                           "--output_dir", str(tmp_path / "folder")]) == 0
+  split = json.load(open(tmp_path / "split" / "results.json"))["results"]
+  folder = json.load(open(tmp_path / "folder" / "results.json"))["results"]
+  assert split == folder and split["greedy"]["images"] == 24
+  for name in ("greedy", "beam-3", "sample-4-0.7-medoid"):
+    a = inference.read_predictions(tmp_path / "split" / "predictions" / f"{name}.jsonl")
+    b = inference.read_predictions(tmp_path / "folder" / "predictions" / f"{name}.jsonl")
+    assert [r["candidates"] for r in a] == [r["candidates"] for r in b]
+  # Two bad rows (a missing image, a latitude of 95): 24 evaluated, 2 skipped.
+  lines = csv_path.read_text().splitlines()
+  lines += ["missing.png,10.0,10.0", lines[1].split(",")[0].replace(".", "_copy.") + ",95.0,10.0"]
+  bad_csv = tmp_path / "with_bad_rows.csv"
+  bad_csv.write_text("\n".join(lines) + "\n")
+  capsys.readouterr()
+  assert command_line.call(evaluate.main, [*common, "--strategies", "greedy", "--csv", str(bad_csv),
+                                           "--image_dir", str(image_dir),
+                                           "--output_dir", str(tmp_path / "bad")]) == 0
+  row = json.load(open(tmp_path / "bad" / "results.json"))["results"]["greedy"]
+  assert (row["images"], row["skipped"]) == (24, 2)
+  assert row["acc@2500km"] == split["greedy"]["acc@2500km"]

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from geotoken_jax import evaluate, train
+from geotoken_jax import inference, trainer
 from geotoken_jax.data import earth, tfds_builders
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,18 +58,18 @@ def test_train_and_evaluate_on_a_prepared_dataset(prepared, tmp_path):
                                            "duplicate_id": 0}
   config = photos_config(root / "data")
   workdir = tmp_path / "run"
-  result = train.train_and_evaluate(config, str(workdir))
+  result = trainer.train_and_evaluate(config, str(workdir))
   assert result["step"] == 4 and result["test"]["images"] == 16
   saved = json.load(open(workdir / "results.json"))
   assert saved["config"]["data"]["name"] == "geo_csv"
 
-  out = evaluate.run_evaluation(config, str(workdir), output_dir=str(tmp_path / "eval"), make_plots=False)
+  out = inference.run_evaluation(config, str(workdir), output_dir=str(tmp_path / "eval"), make_plots=False)
   for name, row in out["results"].items():
     # 16 evaluated, and the 2 rows rejected at preparation are reported as skipped.
     assert row["evaluated"] == 16 and row["skipped"] == 2, name
     # True countries come from the data's country column ("ZZ" matches no prediction).
     assert row["country_acc"] == 0.0 and row["country_unknown"] == 0
-  rows = evaluate.read_predictions(os.path.join(out["output_dir"], "predictions", "greedy.jsonl"))
+  rows = inference.read_predictions(os.path.join(out["output_dir"], "predictions", "greedy.jsonl"))
   assert all(r["true_country"] == "ZZ" for r in rows)
   with open(root / "manual" / "test.csv") as f:
     written_ids = [r["name"] for r in csv.DictReader(f)][:16]  # the 2 bad rows come last
@@ -79,4 +79,4 @@ def test_train_and_evaluate_on_a_prepared_dataset(prepared, tmp_path):
 def test_missing_dataset_is_a_clear_error(tmp_path):
   config = photos_config(tmp_path / "nothing")
   with pytest.raises(FileNotFoundError, match="no prepared data set 'geo_csv'"):
-    train.train_and_evaluate(config, str(tmp_path / "w"))
+    trainer.train_and_evaluate(config, str(tmp_path / "w"))

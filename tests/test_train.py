@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from geotoken_jax import checkpoint, optim, s2, sharding, train
+from geotoken_jax import checkpoint, optim, s2, sharding, trainer
 from geotoken_jax.bench.train_bench import random_batch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,8 +39,8 @@ def _step_config(dropout=0.1):
 
 def _one_step(config, mesh, batch):
   spec = s2.TokenSpec(config.tokens.level, config.tokens.group_size)
-  setup, state = train.create_train_state(config, spec, mesh, total_steps=100, steps_per_epoch=10)
-  step = train.make_train_step(setup, config, mesh)
+  setup, state = trainer.create_train_state(config, spec, mesh, total_steps=100, steps_per_epoch=10)
+  step = trainer.make_train_step(setup, config, mesh)
   state, metrics = step(state, sharding.make_global_batch(batch, mesh))
   return setup, jax.device_get(state), jax.device_get(metrics)
 
@@ -68,7 +68,7 @@ def test_step_on_8_devices_data4_fsdp2_equals_1_device():
   _assert_trees_close(state1["params"], state8["params"])
   _assert_trees_close(state1["opt_state"], state8["opt_state"], atol=1e-7)
   # And the step did change the parameters.
-  fresh = train.create_train_state(config, spec, one, 100, 10)[1]
+  fresh = trainer.create_train_state(config, spec, one, 100, 10)[1]
   moved = [np.abs(np.asarray(a) - np.asarray(b)).max()
            for a, b in zip(jax.tree.leaves(fresh["params"]), jax.tree.leaves(state1["params"]))]
   assert max(moved) > 1e-4
@@ -91,15 +91,15 @@ def test_checkpoint_restores_onto_a_different_mesh(tmp_path):
   spec = s2.TokenSpec(config.tokens.level, config.tokens.group_size)
   mesh_a = sharding.create_mesh({"data": 4, "fsdp": 2})
   mesh_b = sharding.create_mesh({"data": 2, "fsdp": 4})
-  setup_a, state_a = train.create_train_state(config, spec, mesh_a, 100, 10)
-  state_a, _ = train.make_train_step(setup_a, config, mesh_a)(
+  setup_a, state_a = trainer.create_train_state(config, spec, mesh_a, 100, 10)
+  state_a, _ = trainer.make_train_step(setup_a, config, mesh_a)(
       state_a, sharding.make_global_batch(random_batch(config.model, spec, 16, seed=1), mesh_a))
   saver = checkpoint.Checkpointer(str(tmp_path), save_every_steps=1)
   assert saver.save(1, state_a)
   saver.close()
 
-  setup_b, template_b = train.create_train_state(config, spec, mesh_b, 100, 10)
-  restored, _ = checkpoint.Checkpointer(str(tmp_path)).restore(
+  setup_b, template_b = trainer.create_train_state(config, spec, mesh_b, 100, 10)
+  restored, _, _ = checkpoint.Checkpointer(str(tmp_path)).restore(
       checkpoint.abstract_like(template_b, setup_b.state_shardings))
   expected = jax.device_get(state_a)
   for (path, x), y, want in zip(jax.tree_util.tree_flatten_with_path(restored)[0], jax.tree.leaves(expected),
@@ -118,15 +118,15 @@ def _train_losses(workdir):
 def _final_params(config, workdir):
   spec = s2.TokenSpec(config.tokens.level, config.tokens.group_size)
   mesh = sharding.create_mesh(config.mesh)
-  setup, template = train.create_train_state(config, spec, mesh, 100, 10)
-  restored, _ = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")).restore(
+  setup, template = trainer.create_train_state(config, spec, mesh, 100, 10)
+  restored, _, _ = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")).restore(
       checkpoint.abstract_like(template, setup.state_shardings))
   return jax.device_get(restored)
 
 
 def test_smoke_config_trains_end_to_end_and_loss_falls(tmp_path):
   config = earth_config()
-  results = train.train_and_evaluate(config, str(tmp_path))
+  results = trainer.train_and_evaluate(config, str(tmp_path))
   losses = _train_losses(tmp_path)
   assert sorted(losses) == list(range(1, config.num_steps + 1))
   first, last = np.mean([losses[s] for s in range(1, 6)]), np.mean([losses[s] for s in range(26, 31)])
@@ -144,11 +144,11 @@ def test_stopping_and_resuming_equals_an_uninterrupted_run(tmp_path):
   config = earth_config()
   config.num_steps = 8
   config.model.dropout = 0.1  # dropout keys must follow the step, not the process's history
-  train.train_and_evaluate(config, str(tmp_path / "straight"))
+  trainer.train_and_evaluate(config, str(tmp_path / "straight"))
   config.stop_after_steps = 4
-  assert train.train_and_evaluate(config, str(tmp_path / "resumed")) == {"preempted": True, "step": 4}
+  assert trainer.train_and_evaluate(config, str(tmp_path / "resumed")) == {"preempted": True, "step": 4}
   config.stop_after_steps = 0
-  train.train_and_evaluate(config, str(tmp_path / "resumed"))  # picks up at step 4
+  trainer.train_and_evaluate(config, str(tmp_path / "resumed"))  # picks up at step 4
   straight, resumed = _train_losses(tmp_path / "straight"), _train_losses(tmp_path / "resumed")
   assert straight == resumed
   a, b = _final_params(config, tmp_path / "straight"), _final_params(config, tmp_path / "resumed")
@@ -168,17 +168,26 @@ def _env(devices):
   return env
 
 
-def test_two_processes_train_the_same_steps_as_one(tmp_path):
+def test_two_processes_train_the_same_steps_as_one_and_resume_on_one(tmp_path):
+  """Steps 1-3 on 2 processes x 2 devices, then 4-6 resumed from their checkpoint on 1
+  process x 4 devices: the same losses and results as 6 steps on 1 process."""
   single = subprocess.run(_train_command(tmp_path / "one"), env=_env(4), capture_output=True, text=True,
                           timeout=600)
   assert single.returncode == 0, single.stderr[-3000:]
   multi = subprocess.run(["bash", os.path.join(REPO, "launch/local.sh"), "2", "2", "--",
-                          *_train_command(tmp_path / "two")], env=dict(_env(2), LOGDIR=str(tmp_path)),
-                         capture_output=True, text=True, timeout=600)
-  assert multi.returncode == 0, multi.stdout[-3000:] + multi.stderr[-3000:]
+                          *_train_command(tmp_path / "two", "--config.stop_after_steps=3")],
+                         env=dict(_env(2), LOGDIR=str(tmp_path)), capture_output=True, text=True, timeout=600)
+  assert multi.returncode == 143, multi.stdout[-3000:] + multi.stderr[-3000:]
   assert "2 process(es)" in multi.stdout and "mesh {'data': 4, 'fsdp': 1}" in multi.stdout
+  # The data iterator's state is one global JSON item, not one file per process.
+  step_dir = tmp_path / "two" / "checkpoints" / "3"
+  assert not [p for p in step_dir.rglob("process_*")], sorted(step_dir.rglob("*"))
+  resumed = subprocess.run(_train_command(tmp_path / "two"), env=_env(4), capture_output=True, text=True,
+                           timeout=600)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert "1 process(es)" in resumed.stdout and "6 steps from 3" in resumed.stdout
   one, two = _train_losses(tmp_path / "one"), _train_losses(tmp_path / "two")
-  assert sorted(one) == list(range(1, 7))
+  assert sorted(one) == sorted(two) == list(range(1, 7))
   np.testing.assert_allclose([two[s] for s in sorted(one)], [one[s] for s in sorted(one)], rtol=1e-5)
   test_one = json.load(open(tmp_path / "one" / "results.json"))["test"]
   test_two = json.load(open(tmp_path / "two" / "results.json"))["test"]
@@ -200,6 +209,31 @@ def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):
   assert line, stdout[-2000:]
   step = int(line[0].split()[3].rstrip(":"))
   assert step >= 3 and str(step) in os.listdir(tmp_path / "checkpoints")
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path):
+  """JAX's preemption sync point: process 1 gets SIGTERM, both save the same step and exit 143."""
+  import socket  # noqa: PLC0415
+
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  processes = [subprocess.Popen(
+      _train_command(tmp_path, "--config.num_steps=100000", f"--coordinator_address=127.0.0.1:{port}",
+                     "--num_processes=2", f"--process_id={i}"),
+      env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  metrics_file = tmp_path / "metrics.jsonl"
+  deadline = time.time() + 300
+  while time.time() < deadline and not (metrics_file.exists() and len(metrics_file.read_text().splitlines()) >= 3):
+    time.sleep(0.2)
+  processes[1].send_signal(signal.SIGTERM)
+  outputs = [p.communicate(timeout=300) for p in processes]
+  assert [p.returncode for p in processes] == [143, 143], [o[1][-2000:] for o in outputs]
+  line = [l for l in outputs[0][0].splitlines() if l.startswith("preempted at step")]
+  assert line, outputs[0][0][-2000:]
+  step = int(line[0].split()[3].rstrip(":"))
+  assert step >= 3 and str(step) in os.listdir(tmp_path / "checkpoints")
+  assert max(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit()) == step
 
 
 def test_learning_rate_schedules():

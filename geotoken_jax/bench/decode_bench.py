@@ -17,10 +17,10 @@ import statistics
 import time
 
 import jax
-import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from geotoken_jax import models, s2, sharding
+from geotoken_jax import inference, models, s2, sharding
 from geotoken_jax.bench import train_bench
 from geotoken_jax.decoding import strategies
 
@@ -55,21 +55,17 @@ def run(args: argparse.Namespace) -> dict:
   mesh = sharding.create_mesh(config.mesh)
   model = models.build_model(config.model, spec, rngs=nnx.Rngs(config.seed))
   graphdef, params = nnx.split(model, nnx.Param)
-  params = jax.device_put(params, sharding.replicated(mesh))
+  shardings = jax.tree.map(lambda _: sharding.replicated(mesh), params)
+  params = jax.device_put(params, shardings)
   batch = train_bench.random_batch(config.model, spec, args.batch, args.seed)
   batch.pop("tokens")
-  batch["index"] = jnp.arange(args.batch, dtype=jnp.int32)
+  batch["index"] = np.arange(args.batch, dtype=np.int32)
   batch = sharding.make_global_batch(batch, mesh)
+  # The evaluation job's own predictor (encoder once, the pool, the rule, top-5 candidates).
+  predictor = inference.Predictor(graphdef, params, shardings, mesh, spec, [strategy], num_candidates=5,
+                                  seed=args.seed)
+  step = lambda params, batch: predictor(batch, params)  # noqa: E731
 
-  def decode(params, batch):
-    model = nnx.merge(graphdef, params)
-    memory = model.encode(batch, deterministic=True)
-    keys = strategies.image_keys(args.seed, batch["index"])
-    pool = strategies.decode_pool(model, memory, strategy, keys, None)
-    chosen = strategies.choose(pool, strategy.rule, 5)
-    return pool["tokens"], chosen["predicted"]
-
-  step = jax.jit(decode)
   for _ in range(args.warmup):
     jax.block_until_ready(step(params, batch))
   times = []

@@ -80,13 +80,13 @@ def matmul_flops_per_s(n: int = 2048, repeats: int = 5) -> float:
 
 
 def run(args: argparse.Namespace) -> dict:
-  from geotoken_jax import train  # pylint: disable=g-import-not-at-top
+  from geotoken_jax import trainer  # pylint: disable=g-import-not-at-top
 
   config = bench_config(args.preset, args.batch, args.compute_dtype)
   spec = s2.TokenSpec(config.tokens.level, config.tokens.group_size)
   mesh = sharding.create_mesh(config.mesh)
-  setup, state = train.create_train_state(config, spec, mesh, total_steps=1000, steps_per_epoch=1000)
-  step = train.make_train_step(setup, config, mesh)
+  setup, state = trainer.create_train_state(config, spec, mesh, total_steps=1000, steps_per_epoch=1000)
+  step = trainer.make_train_step(setup, config, mesh)
   batch = sharding.make_global_batch(random_batch(config.model, spec, args.batch, args.seed), mesh)
 
   compiled = step.lower(state, batch).compile()

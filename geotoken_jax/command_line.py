@@ -1,0 +1,81 @@
+"""The flags every geotoken command shares (absl), defined once, and how commands run.
+
+Commands (train, evaluate, predict) are thin: they read these flags and call
+the library (geotoken_jax.trainer, geotoken_jax.inference), which never reads a
+flag.  `geotoken SUBCOMMAND ...` (geotoken_jax.cli) and `python -m
+geotoken_jax.SUBCOMMAND ...` run the same code.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+
+CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "configs/NAME.py[:ARG]; any field overridable as --config.FIELD=VALUE "
+    "(evaluate / predict: optional, default the config saved with the run)", lock_config=True)
+WORKDIR = flags.DEFINE_string("workdir", None, "the run's folder (local, gs://, s3://): checkpoints, "
+                              "TensorBoard events, results")
+STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: the newest that restores)")
+STRATEGIES = flags.DEFINE_string("strategies", None, "comma-separated inference strategies, e.g. "
+                                 "greedy,beam:5,sample:30:0.7:medoid (default: the config's)")
+OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "where results go (local or a URL)")
+SEED = flags.DEFINE_integer("seed", None, "sampling seed (default: the config's evaluate.seed)")
+
+# Labelled images in a folder (evaluate) -- the same column flags as `prepare`.
+CSV = flags.DEFINE_string("csv", None, "a CSV with id, latitude, longitude columns (Im2GPS3k layout "
+                          "IMG_ID,LAT,LON by default)")
+IMAGE_DIR = flags.DEFINE_string("image_dir", None, "the folder holding the CSV's images")
+ID_COLUMN = flags.DEFINE_string("id_column", None, "the CSV's id column (file name under --image_dir)")
+LAT_COLUMN = flags.DEFINE_string("lat_column", None, "the CSV's latitude column")
+LON_COLUMN = flags.DEFINE_string("lon_column", None, "the CSV's longitude column")
+COUNTRY_COLUMN = flags.DEFINE_string("country_column", None, "a column of ISO-2 country codes")
+SWAP_LATLON = flags.DEFINE_bool("swap_latlon", False, "the CSV's latitude and longitude headers are swapped")
+CACHE_DIR = flags.DEFINE_string("cache_dir", None, "where prepared folders are cached "
+                                "(default WORKDIR/cache/folders)")
+DATA_DIR = flags.DEFINE_string("data_dir", None, "overrides data.data_dir (where data sets were prepared)")
+
+# Multi-process jobs: explicit (localhost, SLURM scripts) or from the cluster's environment.
+COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process)")
+NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "number of processes (multi-process)")
+PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index (multi-process)")
+LOCAL_DEVICE_IDS = flags.DEFINE_list("local_device_ids", None, "accelerators this process drives, e.g. 0,1 "
+                                     "(default: from the cluster environment)")
+
+
+def initialize_distributed() -> None:
+  """jax.distributed from the flags or the cluster environment (geotoken_jax.distributed)."""
+  from geotoken_jax import distributed  # pylint: disable=g-import-not-at-top
+
+  ids = [int(i) for i in LOCAL_DEVICE_IDS.value] if LOCAL_DEVICE_IDS.value else None
+  distributed.initialize(coordinator_address=COORDINATOR.value, num_processes=NUM_PROCESSES.value,
+                         process_id=PROCESS_ID.value, local_device_ids=ids)
+
+
+def quiet_logs() -> None:
+  if not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.ERROR)  # orbax logs every save at INFO, read-only managers at WARNING
+
+
+def call(main: Callable[[Sequence[str]], int], argv: Sequence[str]) -> int:
+  """Parses `argv` (argv[0] = program name) into the flags, then runs main(positional args).
+
+  For tests and the `geotoken` script: flags from an earlier call are reset first.
+  """
+  FLAGS.unparse_flags()
+  try:
+    remaining = FLAGS(list(argv))
+  except flags.Error as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return int(main(remaining) or 0)
+
+
+def run(main: Callable[[Sequence[str]], int]) -> None:
+  """The `python -m` entry point: absl's app.run, exiting with main's status."""
+  app.run(lambda argv: sys.exit(main(argv)))

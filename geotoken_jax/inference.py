@@ -1,0 +1,676 @@
+"""Inference: the one module that restores a model and runs decoding strategies.
+
+  restore_model(workdir)      the run's config and TokenSpec (saved with the
+                              checkpoint), its parameters on a mesh
+  Predictor                   one jitted function per strategy set: encodes each
+                              batch ONCE and runs every strategy group (greedy,
+                              beams, sample pools, each with its selection rules)
+                              on that memory; cell tries are arguments, not
+                              constants baked into the program
+  predict_batches             a source's padded, masked global batches through a
+                              Predictor, gathered on the host
+  validation_metrics          loss, token accuracy and one strategy's acc@km over
+                              a source: the trainer's validation and final test
+  run_evaluation              every strategy over a split or any source: the
+                              predictions files (resumable), tables and plots
+  predict_files               top-k cells of image files of any number, streamed
+                              in batches, unreadable files reported, not fatal
+
+The trainer's periodic validation, its final test, the evaluation job and the
+predict command all decode through Predictor, so they cannot disagree on one
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import re
+import sys
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from etils import epath
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from geotoken_jax import checkpoint, data, decoding, geocode, metrics, models, plots, s2, sharding
+from geotoken_jax.data import images as images_lib
+from geotoken_jax.decoding import strategies
+from geotoken_jax.decoding.strategies import Strategy
+
+# Batch fields that stay on the host (ids may be strings or int64).
+HOST_ONLY_FIELDS = ("id",)
+
+EVALUATE_DEFAULTS = ml_collections.ConfigDict({
+    "strategies": "greedy,beam:5",
+    "batch_size": 128,  # global images per decode batch
+    "num_candidates": 5,
+    "seed": 0,  # sampling keys: fold_in(key(seed), image index)
+    "plot_max_points": 2000,
+})
+
+
+def evaluate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The config's `evaluate` block over EVALUATE_DEFAULTS."""
+  merged = ml_collections.ConfigDict(EVALUATE_DEFAULTS.to_dict())
+  if "evaluate" in config:
+    merged.update(config.evaluate.to_dict())
+  return merged
+
+
+def token_spec(config) -> s2.TokenSpec:
+  return s2.TokenSpec(int(config.tokens.level), int(config.tokens.group_size))
+
+
+def file_name(strategy_name: str) -> str:
+  """A strategy name as a file name: sample:30:0.7:medoid -> sample-30-0.7-medoid."""
+  return re.sub(r"[^A-Za-z0-9._=-]+", "-", strategy_name.replace(":", "-"))
+
+
+def device_fields(batch: Mapping[str, Any]) -> dict:
+  """The numeric fields of a host batch (ids and text such as country codes stay on the host)."""
+  return {k: v for k, v in batch.items()
+          if k not in HOST_ONLY_FIELDS and np.asarray(v).dtype.kind in "biuf"}
+
+
+# ---------------------------------------------------------------------------
+# Restoring a model from a workdir.
+
+
+def checkpoint_dir(workdir) -> epath.Path:
+  return epath.Path(workdir) / "checkpoints"
+
+
+def load_run_config(workdir, step: int | None = None) -> ml_collections.ConfigDict:
+  """The config a run was trained with: saved in its checkpoint (or WORKDIR/config.json)."""
+  metadata = None
+  if checkpoint_dir(workdir).exists():
+    metadata = checkpoint.read_metadata(checkpoint_dir(workdir), step)
+  if metadata and "config" in metadata:
+    return ml_collections.ConfigDict(metadata["config"])
+  for name, key in (("config.json", None), ("results.json", "config")):
+    path = epath.Path(workdir) / name
+    if path.exists():
+      loaded = json.loads(path.read_text())
+      return ml_collections.ConfigDict(loaded[key] if key else loaded)
+  raise FileNotFoundError(f"{workdir} holds no checkpoint with its config and no config.json "
+                          "(written by geotoken_jax.train); pass --config")
+
+
+@dataclasses.dataclass
+class RestoredModel:
+  config: ml_collections.ConfigDict
+  spec: s2.TokenSpec
+  graphdef: nnx.GraphDef
+  params: Any
+  param_shardings: Any
+  mesh: jax.sharding.Mesh
+  step: int
+
+
+def abstract_params(config, spec: s2.TokenSpec, mesh) -> tuple[nnx.GraphDef, Any, Any]:
+  """(graphdef, abstract params carrying their shardings, param shardings) of the config's model."""
+  build = lambda: models.build_model(config.model, spec, rngs=nnx.Rngs(config.seed))  # noqa: E731
+  graphdef, abstract = nnx.split(nnx.eval_shape(build), nnx.Param)
+  shardings = sharding.state_shardings(abstract, mesh, config.sharding_rules)
+  return graphdef, checkpoint.abstract_like(abstract, shardings), shardings
+
+
+def restore_model(workdir, *, config: ml_collections.ConfigDict | None = None, step: int | None = None,
+                  mesh: jax.sharding.Mesh | None = None, devices=None) -> RestoredModel:
+  """The run's model with the parameters of its latest (or `step`) checkpoint.
+
+  config: None reads the config saved with the run; pass one to override it (its
+  model fields must match the checkpoint).  mesh: default the config's mesh
+  over `devices` (default all).  A checkpoint that fails to restore is reported
+  and the next older one is tried (see geotoken_jax.checkpoint).
+  """
+  config = load_run_config(workdir, step) if config is None else config
+  spec = token_spec(config)
+  mesh = mesh if mesh is not None else sharding.create_mesh(config.mesh, devices)
+  graphdef, target, shardings = abstract_params(config, spec, mesh)
+  params, step = checkpoint.restore_params(checkpoint_dir(workdir), target, step)
+  return RestoredModel(config, spec, graphdef, params, shardings, mesh, step)
+
+
+# ---------------------------------------------------------------------------
+# Tries.
+
+
+def trie_key(strategy: Strategy, spec: s2.TokenSpec) -> str:
+  return f"min{strategy.trie_min_count}_positions{strategy.trie_positions(spec)}"
+
+
+def build_tries(config, spec: s2.TokenSpec, wanted: Sequence[Strategy], cache_dir=None,
+                training_tokens=None) -> dict[str, decoding.CellTrie]:
+  """The cell tries the strategies ask for, from the training split's token array (no
+  image is read), cached on disk in cache_dir."""
+  wanted = [s for s in wanted if s.trie_min_count]
+  if not wanted:
+    return {}
+  tokens = data.training_tokens(config.data, spec) if training_tokens is None else training_tokens
+  tries = {}
+  for s in wanted:
+    key = trie_key(s, spec)
+    if key not in tries:
+      tries[key] = decoding.cached_cell_trie(tokens, spec, min_count=s.trie_min_count,
+                                             num_constrained=s.trie_positions(spec), cache_dir=cache_dir)
+  return tries
+
+
+# ---------------------------------------------------------------------------
+# The predictor.
+
+
+@dataclasses.dataclass
+class StrategyGroup:
+  """Strategies that share one decoded pool (they differ only in the selection rule)."""
+  pool: Strategy
+  members: list[Strategy]
+
+
+def group_strategies(wanted: Sequence[Strategy]) -> list[StrategyGroup]:
+  groups: dict[Strategy, StrategyGroup] = {}
+  for s in wanted:
+    groups.setdefault(s.pool_key, StrategyGroup(s.pool_key, [])).members.append(s)
+  return list(groups.values())
+
+
+class Predictor:
+  """(params, global batch) -> every strategy's prediction and top-k candidates, per image.
+
+  One jitted function: the encoder runs once per batch; each pool (greedy,
+  beam:W, sample:N:T...) is decoded once from that memory and every selection
+  rule asked of it is applied.  Tries are passed as arguments, so the compiled
+  program does not grow with them.  With `loss_weights`, the teacher-forced loss
+  and per-position token hits of the batch's own tokens come out too (validation).
+  Output per strategy name: predicted [B, 2], chosen [B], candidate_tokens [B, k, P],
+  candidate_latlng [B, k, 2], candidate_prob [B, k] (0 for empty slots).
+  """
+
+  def __init__(self, graphdef: nnx.GraphDef, params: Any, param_shardings: Any, mesh, spec: s2.TokenSpec,
+               wanted: Sequence[Strategy], *, num_candidates: int = 5, seed: int = 0,
+               tries: Mapping[str, decoding.CellTrie] | None = None, loss_weights=None):
+    self.mesh, self.spec = mesh, spec
+    self.params = params
+    self.strategies = list(wanted)
+    self.groups = group_strategies(self.strategies)
+    self.tries = dict(tries or {})
+    missing = {trie_key(s, spec) for s in self.strategies if s.trie_min_count} - set(self.tries)
+    if missing:
+      raise ValueError(f"no trie given for {sorted(missing)}")
+    with_loss = loss_weights is not None
+    weights = None if loss_weights is None else jnp.asarray(loss_weights, jnp.float32)
+    groups, k = self.groups, int(num_candidates)
+
+    def predict(params, batch, tries):
+      model = nnx.merge(graphdef, params)
+      memory = model.encode(batch, deterministic=True)  # once per image, for every strategy
+      out = {}
+      if with_loss:
+        logits = model.decode(memory, batch["tokens"], deterministic=True)
+        out["loss"], out["token_hits"] = models.per_row_losses(logits, batch["tokens"], weights)
+      keys = strategies.image_keys(seed, batch["index"])
+      for group in groups:
+        trie = tries.get(trie_key(group.pool, spec)) if group.pool.trie_min_count else None
+        pool = strategies.decode_pool(model, memory, group.pool, keys, trie)
+        for member in group.members:
+          chosen = strategies.choose(pool, member.rule, k)
+          index = jnp.maximum(chosen["candidates"], 0)  # [batch, k]; -1 slots have probability 0
+          out[member.name] = {
+              "predicted": chosen["predicted"],  # [batch, 2]
+              "chosen": chosen["chosen"],  # [batch]
+              "candidate_tokens": jnp.take_along_axis(pool["tokens"], index[:, :, None], axis=1),
+              "candidate_latlng": jnp.take_along_axis(pool["latlng"], index[:, :, None], axis=1),
+              "candidate_prob": chosen["candidate_prob"],  # [batch, k]
+          }
+      return out
+
+    batch_sharding = sharding.batch_sharding(mesh)
+    trie_shardings = jax.tree.map(lambda _: sharding.replicated(mesh), self.tries)
+    self._fn = jax.jit(predict, in_shardings=(param_shardings, batch_sharding, trie_shardings),
+                       out_shardings=batch_sharding)
+
+  @classmethod
+  def from_restored(cls, restored: RestoredModel, wanted: Sequence[Strategy], *, num_candidates: int = 5,
+                    seed: int = 0, cache_dir=None) -> "Predictor":
+    tries = build_tries(restored.config, restored.spec, wanted, cache_dir=cache_dir)
+    return cls(restored.graphdef, restored.params, restored.param_shardings, restored.mesh, restored.spec,
+               wanted, num_candidates=num_candidates, seed=seed, tries=tries)
+
+  def __call__(self, device_batch: Mapping[str, jax.Array], params=None) -> dict:
+    return self._fn(self.params if params is None else params, dict(device_batch), self.tries)
+
+  def lower(self, device_batch, params=None):
+    """The jitted function lowered for a batch (for inspecting the compiled program)."""
+    return self._fn.lower(self.params if params is None else params, dict(device_batch), self.tries)
+
+
+def _gather(tree):
+  return jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)), tree)
+
+
+def _host_field(source, local: dict, key: str, index: np.ndarray, process_count: int) -> np.ndarray:
+  """A field of every row of the global batch on this process (numeric: all-gathered;
+  text: this process's rows, the others' read from the source)."""
+  values = np.asarray(local[key])
+  if process_count == 1:
+    return values
+  if values.dtype.kind in "biuf":
+    return np.asarray(multihost_utils.process_allgather(values, tiled=True))
+  rows = np.minimum(index, len(source) - 1)
+  return np.asarray(data.load_rows(source, rows)[key])
+
+
+def predict_batches(predictor: Predictor, source, *, global_batch_size: int, start_batch: int = 0,
+                    params=None, text_fields: Sequence[str] = ("id", "country")
+                    ) -> Iterator[tuple[int, dict, dict]]:
+  """(batch number, gathered host fields, gathered predictions) for every global batch.
+
+  Every process runs this in step (collectives); each loads only its rows.
+  Gathered fields: latlng, index, mask (+ loss fields' inputs) and the text fields
+  the source has.  Padding rows have mask False.
+  """
+  process_index, process_count = jax.process_index(), jax.process_count()
+  if global_batch_size % process_count:
+    raise ValueError(f"batch size {global_batch_size} must divide over {process_count} processes")
+  batch_size = global_batch_size // process_count
+  num_batches = data.num_eval_batches(len(source), batch_size=batch_size, process_count=process_count)
+  batches = iter(data.eval_batches(source, batch_size=batch_size, process_index=process_index,
+                                   process_count=process_count, start_batch=start_batch))
+  for number in range(start_batch, num_batches):
+    local = next(batches)
+    rows = (number * process_count + process_index) * batch_size + np.arange(batch_size)
+    local["index"] = rows.astype(np.int32)
+    device_batch = sharding.make_global_batch(device_fields(local), predictor.mesh)
+    out = _gather(predictor(device_batch, params))
+    gathered = {k: np.asarray(multihost_utils.process_allgather(np.asarray(local[k]), tiled=True))
+                if process_count > 1 else np.asarray(local[k]) for k in ("latlng", "index", "mask")}
+    for key in text_fields:
+      if key in local:
+        gathered[key] = _host_field(source, local, key, gathered["index"], process_count)
+    yield number, gathered, out
+
+
+def validation_metrics(predictor: Predictor, source, *, global_batch_size: int, strategy_name: str = "greedy",
+                       params=None) -> dict:
+  """acc@km table of one strategy plus the teacher-forced loss and per-position token
+  accuracy (the predictor must have loss_weights) over a source; padding excluded."""
+  loss_sum, hits_sum, distances, count = 0.0, 0.0, [], 0
+  for _, gathered, out in predict_batches(predictor, source, global_batch_size=global_batch_size,
+                                          params=params, text_fields=()):
+    mask = gathered["mask"].astype(bool)
+    loss_sum += float(out["loss"][mask].astype(np.float64).sum())
+    hits_sum = hits_sum + out["token_hits"][mask].sum(axis=0)
+    distances.append(metrics.haversine_km(gathered["latlng"][mask].astype(np.float64),
+                                          out[strategy_name]["predicted"][mask].astype(np.float64)))
+    count += int(mask.sum())
+  if not count:
+    raise ValueError(f"validation saw no examples in {source!r}")
+  result = metrics.accuracy_table(np.concatenate(distances))
+  result["loss"] = loss_sum / count
+  result["token_accuracy"] = (np.asarray(hits_sum) / count).tolist()
+  return result
+
+
+# ---------------------------------------------------------------------------
+# Prediction files.
+
+
+def _complete_rows(path: epath.Path) -> int:
+  """Rows of a JSONL file, after cutting off a partly written last line."""
+  if not path.exists():
+    return 0
+  content = path.read_bytes()
+  end = content.rfind(b"\n") + 1
+  if end != len(content):
+    path.write_bytes(content[:end])
+  return content[:end].count(b"\n")
+
+
+def _truncate_rows(path: epath.Path, rows: int) -> None:
+  lines = path.read_bytes().splitlines(keepends=True)
+  if len(lines) != rows:
+    path.write_bytes(b"".join(lines[:rows]))
+
+
+def _token_string(tokens: np.ndarray) -> str:
+  return "-".join(str(int(t)) for t in tokens)
+
+
+def _json_id(value):
+  return value.item() if isinstance(value, np.generic) else value
+
+
+def valid_truth(latlng: np.ndarray) -> np.ndarray:
+  truth = np.asarray(latlng, np.float64)
+  return np.isfinite(truth).all(-1) & (np.abs(truth[:, 0]) <= 90) & (np.abs(truth[:, 1]) <= 180)
+
+
+def prediction_rows(batch: dict, out: dict, mask: np.ndarray) -> list[dict]:
+  """JSON rows for one gathered batch and one strategy (masked padding rows dropped)."""
+  rows = []
+  truth = batch["latlng"].astype(np.float64)
+  predicted = out["predicted"].astype(np.float64)
+  valid = valid_truth(truth)
+  error = np.where(valid, metrics.haversine_km(np.where(valid[:, None], truth, 0), predicted), np.nan)
+  for i in np.flatnonzero(mask):
+    candidates = [{"lat": float(out["candidate_latlng"][i, j, 0]), "lon": float(out["candidate_latlng"][i, j, 1]),
+                   "prob": float(out["candidate_prob"][i, j]),
+                   "tokens": _token_string(out["candidate_tokens"][i, j])}
+                  for j in range(out["candidate_prob"].shape[1]) if out["candidate_prob"][i, j] > 0]
+    extra = {"true_country": str(batch["country"][i])} if "country" in batch else {}
+    rows.append({
+        **extra,
+        "id": _json_id(batch["id"][i]) if "id" in batch else int(batch["index"][i]),
+        "index": int(batch["index"][i]),
+        "true_lat": float(truth[i, 0]) if valid[i] else None,
+        "true_lon": float(truth[i, 1]) if valid[i] else None,
+        "pred_lat": float(predicted[i, 0]), "pred_lon": float(predicted[i, 1]),
+        "error_km": float(error[i]) if valid[i] else None,
+        "chosen": int(out["chosen"][i]),
+        "candidates": candidates,
+    })
+  return rows
+
+
+def read_predictions(path) -> list[dict]:
+  return [json.loads(line) for line in epath.Path(path).read_text().splitlines() if line.strip()]
+
+
+def truth_countries(rows: list[dict]) -> np.ndarray:
+  """ISO-2 codes of the evaluated rows' true locations: the data's own when it has
+  them (OSV-5M), else reverse-geocoded (rows without a code stay unknown: "")."""
+  evaluated = [r for r in rows if r["error_km"] is not None]
+  truth = np.asarray([[r["true_lat"], r["true_lon"]] for r in evaluated], np.float64).reshape(-1, 2)
+  if any(r.get("true_country") for r in evaluated):
+    return np.asarray([r.get("true_country") or "" for r in evaluated], dtype=object)
+  return geocode.country_codes(truth) if len(truth) else np.zeros(0, "<U2")
+
+
+def score_predictions(rows: list[dict], true_countries: np.ndarray | None = None, *,
+                      skipped_before: int = 0) -> dict:
+  """The results row of one strategy from its prediction rows; `skipped_before` counts
+  images rejected before evaluation (at data preparation); accuracies are over the
+  evaluated images and `skipped` is reported beside them."""
+  evaluated = [r for r in rows if r["error_km"] is not None]
+  distances = np.asarray([r["error_km"] for r in evaluated], np.float64)
+  predicted = np.asarray([[r["pred_lat"], r["pred_lon"]] for r in evaluated], np.float64).reshape(-1, 2)
+  if true_countries is None:
+    true_countries = truth_countries(rows)
+  predicted_countries = geocode.country_codes(predicted) if len(predicted) else np.zeros(0, "<U2")
+  return metrics.accuracy_table(distances, skipped=len(rows) - len(evaluated) + skipped_before,
+                                predicted_countries=predicted_countries, true_countries=true_countries)
+
+
+# ---------------------------------------------------------------------------
+# The evaluation job.
+
+
+def _progress(total: int, desc: str, initial: int):
+  """A tqdm bar on process 0 (batches, images/s, ETA); on a non-terminal only for long runs."""
+  if jax.process_index() != 0:
+    return None
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+
+  return tqdm(total=total, initial=initial, desc=desc, unit="batch", dynamic_ncols=True,
+              disable=not sys.stderr.isatty() and total < 50, mininterval=5 if not sys.stderr.isatty() else 0.1)
+
+
+def check_evaluation(config, mesh, strategy_text: str | None = None) -> list[Strategy]:
+  """Checks the evaluation settings before anything is compiled; returns the strategies."""
+  eval_config = evaluate_config(config)
+  spec = token_spec(config)
+  wanted = strategies.parse_strategies(strategy_text or eval_config.strategies, spec)
+  global_batch = int(eval_config.batch_size)
+  divisor = sharding.global_batch_size_divisor(mesh)
+  if global_batch < 1 or global_batch % divisor or global_batch % jax.process_count():
+    raise ValueError(f"evaluate.batch_size {global_batch} must be a positive multiple of the mesh's "
+                     f"{divisor} batch devices and of the {jax.process_count()} processes")
+  if int(eval_config.num_candidates) < 1:
+    raise ValueError(f"evaluate.num_candidates must be >= 1, got {eval_config.num_candidates}")
+  return wanted
+
+
+def run_evaluation(config: ml_collections.ConfigDict | None, workdir, *, strategy_text: str | None = None,
+                   split: str | None = None, source=None, split_label: str | None = None,
+                   step: int | None = None, output_dir=None, limit: int = 0, make_plots: bool = True,
+                   devices=None) -> dict:
+  """Evaluates every strategy on a split of the config's data (or on `source`, named
+  `split_label`); returns {"step", "split", "output_dir", "results": {name: row}, "timings"}.
+
+  config None: the run's saved config.  Resumable: predictions are appended batch
+  by batch, and a rerun continues where the shortest file ends.
+  """
+  config = load_run_config(workdir, step) if config is None else config
+  eval_config = evaluate_config(config)
+  mesh = sharding.create_mesh(config.mesh, devices)
+  wanted = check_evaluation(config, mesh, strategy_text)
+  process_index, process_count = jax.process_index(), jax.process_count()
+  global_batch = int(eval_config.batch_size)
+  restored = restore_model(workdir, config=config, step=step, mesh=mesh)
+  spec, step = restored.spec, restored.step
+  if source is None:
+    split = split or config.test_split
+    source = data.get_source(config.data, split, spec)
+  else:
+    split = split_label or split or "source"
+  if limit:
+    source = data.FirstRows(source, limit)
+  num_records = len(source)
+  # Images rejected when the data set was prepared (missing, undecodable, ...)
+  # are reported as skipped, so images + skipped is the metadata's row count.
+  prepared_rejected = 0 if limit else int(getattr(source, "rejected", 0))
+  output_dir = epath.Path(output_dir or epath.Path(workdir) / "eval" / f"{file_name(split)}-step{step}")
+  paths = {s.name: output_dir / "predictions" / (file_name(s.name) + ".jsonl") for s in wanted}
+  if process_index == 0:
+    (output_dir / "predictions").mkdir(parents=True, exist_ok=True)
+    (output_dir / "run.json").write_text(json.dumps(
+        {"checkpoint_step": step, "split": split, "records": num_records, "limit": limit,
+         "strategies": [s.name for s in wanted], "evaluate": eval_config.to_dict()}, indent=1))
+
+  # Resume: every strategy restarts at the first batch that the shortest file
+  # does not hold in full (rows past it are cut off).
+  done = 0
+  if process_index == 0:
+    done = min(_complete_rows(p) for p in paths.values())
+    if done > num_records:
+      raise ValueError(f"{output_dir} holds {done} predictions for a split of {num_records}: "
+                       "a different --limit? use another --output_dir")
+    done = done if done == num_records else done // global_batch * global_batch
+    for p in paths.values():
+      if p.exists():
+        _truncate_rows(p, done)
+  done = int(multihost_utils.broadcast_one_to_all(np.int32(done))) if process_count > 1 else done
+  num_batches = data.num_eval_batches(num_records, batch_size=global_batch // process_count,
+                                      process_count=process_count)
+  first_batch = num_batches if done == num_records else done // global_batch
+  timings = {}
+  if first_batch < num_batches:
+    predictor = Predictor.from_restored(restored, wanted, num_candidates=int(eval_config.num_candidates),
+                                        seed=int(eval_config.seed),
+                                        cache_dir=epath.Path(workdir) / "cache" / "tries")
+    bar = _progress(num_batches, f"{len(wanted)} strategies", first_batch)
+    files = {name: p.open("a") for name, p in paths.items()} if process_index == 0 else {}
+    start, images = time.perf_counter(), 0
+    try:
+      for _, gathered, out in predict_batches(predictor, source, global_batch_size=global_batch,
+                                              start_batch=first_batch):
+        images += int(gathered["mask"].sum())
+        for name, f in files.items():
+          for row in prediction_rows(gathered, out[name], gathered["mask"].astype(bool)):
+            f.write(json.dumps(row) + "\n")
+          f.flush()
+        if bar is not None:
+          bar.update(1)
+    finally:
+      for f in files.values():
+        f.close()
+      if bar is not None:
+        bar.close()
+    timings["all_strategies"] = {"images": images, "seconds": time.perf_counter() - start}
+
+  results = {}
+  if process_index == 0:
+    rows_of = {}
+    true_countries = None
+    for s in wanted:
+      rows = rows_of[s.name] = read_predictions(paths[s.name])
+      if len(rows) != num_records:
+        raise RuntimeError(f"{s.name}: {len(rows)} predictions for {num_records} images in {paths[s.name]}")
+      if true_countries is None:  # the same truth for every strategy: once
+        true_countries = truth_countries(rows)
+      results[s.name] = score_predictions(rows, true_countries, skipped_before=prepared_rejected)
+    if make_plots:
+      write_plots(output_dir, rows_of, split=split, step=step, max_points=int(eval_config.plot_max_points))
+    write_results(output_dir, results, split=split, step=step, timings=timings)
+  return {"step": step, "split": split, "output_dir": str(output_dir), "results": results, "timings": timings}
+
+
+def write_plots(output_dir: epath.Path, rows_of: Mapping[str, list[dict]], *, split: str, step: int,
+                max_points: int) -> None:
+  all_distances = {}
+  for name, rows in rows_of.items():
+    evaluated = [r for r in rows if r["error_km"] is not None]
+    all_distances[name] = np.asarray([r["error_km"] for r in evaluated], np.float64)
+    if not evaluated:  # nothing to draw: say so in the log, not with a crash
+      logging.warning("%s: no evaluated image, no plots", name)
+      continue
+    plots.error_cdf({name: all_distances[name]}, str(output_dir / "plots" / f"cdf_{file_name(name)}.png"),
+                    title=f"{name} ({split}, step {step})")
+    truth = np.asarray([[r["true_lat"], r["true_lon"]] for r in evaluated])
+    predicted = np.asarray([[r["pred_lat"], r["pred_lon"]] for r in evaluated])
+    plots.world_map(truth, predicted, str(output_dir / "plots" / f"map_{file_name(name)}.png"),
+                    title=f"{name}: prediction vs truth ({split}, step {step})", max_points=max_points)
+  if any(len(d) for d in all_distances.values()):
+    plots.error_cdf({k: v for k, v in all_distances.items() if len(v)}, str(output_dir / "plots" / "cdf.png"),
+                    title=f"error CDF ({split}, step {step})")
+
+
+def write_results(output_dir, results: dict, *, split: str, step: int, timings: dict) -> str:
+  output_dir = epath.Path(output_dir)
+  table = metrics.format_table(results)
+  header = (f"# GeoToken evaluation: split `{split}`, checkpoint step {step}\n\n"
+            "Haversine error on a 6371 km sphere; a hit is distance <= threshold. GeoGuessr = mean of "
+            "5000 exp(-d / 1492.7 km). Countries: offline nearest-place reverse geocoding "
+            "(geotoken_jax.geocode) of prediction and truth.\n\n")
+  (output_dir / "results.md").write_text(header + table + "\n")
+  (output_dir / "results.json").write_text(json.dumps(
+      {"split": split, "checkpoint_step": step, "results": results, "decode_timings": timings,
+       "table": table}, indent=1))
+  return table
+
+
+# ---------------------------------------------------------------------------
+# Prediction on image files.
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def list_images(inputs: Iterable[str]) -> list[str]:
+  """Files as given, folders expanded to their image files (recursively, sorted)."""
+  out = []
+  for item in inputs:
+    path = epath.Path(item)
+    if path.is_dir():
+      out.extend(sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES))
+    else:
+      out.append(str(item))
+  return out
+
+
+def s2_cell_token(cell_id: int) -> str:
+  """s2geometry's S2CellId.ToToken(): hex digits, trailing zeros removed."""
+  return f"{int(cell_id):016x}".rstrip("0") or "X"
+
+
+@dataclasses.dataclass
+class FilePrediction:
+  path: str
+  candidates: list[dict] | None  # None when the file could not be read
+  error: str | None = None
+
+
+def load_image_file(path: str, size: int) -> np.ndarray:
+  """The evaluation view of an image file: uint8 [size, size, 3] (shorter side
+  resized to `size`, centre crop; exactly what evaluation of prepared data does)."""
+  try:
+    return images_lib.decode_resized(epath.Path(path).read_bytes(), size)
+  except Exception as e:  # PIL raises many types for bad files  pylint: disable=broad-except
+    raise ValueError(f"{type(e).__name__}: {e}") from None
+
+
+def predict_files(restored: RestoredModel, paths: Sequence[str], *, strategy_text: str = "beam:5",
+                  top_k: int = 5, batch_size: int = 32, seed: int = 0, cache_dir=None
+                  ) -> Iterator[FilePrediction]:
+  """Top-k candidate cells of every file, in order, streamed batch by batch.
+
+  A file that cannot be read is yielded with its error (and no candidates); the
+  others are predicted.  Only this process's devices are used.
+  """
+  config, spec = restored.config, restored.spec
+  if config.model.encoder != "vit":
+    raise ValueError(f"this model's encoder is {config.model.encoder!r}: predicting from image files "
+                     "needs a ViT model (the feature encoder needs features and retrieved neighbours)")
+  strategy = strategies.parse_strategy(strategy_text).check(spec)
+  predictor = Predictor.from_restored(restored, [strategy], num_candidates=top_k, seed=seed, cache_dir=cache_dir)
+  size = int(config.model.vit.image_size)
+  divisor = sharding.global_batch_size_divisor(restored.mesh)
+  batch_size = max(divisor, -(-int(batch_size) // divisor) * divisor)
+  for start in range(0, len(paths), batch_size):
+    chunk = list(paths[start:start + batch_size])
+    pixels, readable, errors = [], [], {}
+    for i, path in enumerate(chunk):
+      try:
+        pixels.append(load_image_file(path, size))
+        readable.append(i)
+      except ValueError as e:
+        errors[i] = str(e)
+    results: dict[int, list[dict]] = {}
+    if readable:
+      images = np.zeros((batch_size, size, size, 3), np.uint8)
+      images[:len(pixels)] = np.stack(pixels)
+      index = (start + np.arange(batch_size)).astype(np.int32)  # sampling keys by position in the list
+      device_batch = sharding.make_global_batch({"image": images, "index": index}, restored.mesh)
+      out = jax.tree.map(np.asarray, predictor(device_batch)[strategy.name])
+      for row, i in enumerate(readable):
+        results[i] = _candidates(out, row, spec)
+    for i, path in enumerate(chunk):
+      yield FilePrediction(path, results.get(i), errors.get(i))
+
+
+def _candidates(out: dict, row: int, spec: s2.TokenSpec) -> list[dict]:
+  keep = out["candidate_prob"][row] > 0
+  tokens = out["candidate_tokens"][row][keep]
+  ids = s2.tokens_to_cell_ids(tokens, spec)
+  vertices = s2.tokens_to_vertices(tokens, spec)  # [k, 4, 2]
+  return [{"rank": r + 1, "lat": float(out["candidate_latlng"][row, j, 0]),
+           "lon": float(out["candidate_latlng"][row, j, 1]),
+           "probability": float(out["candidate_prob"][row, j]), "s2_token": s2_cell_token(ids[r]),
+           "tokens": "-".join(str(int(t)) for t in tokens[r]), "level": spec.level,
+           "vertices": vertices[r].tolist()}
+          for r, j in enumerate(np.flatnonzero(keep))]
+
+
+def geojson(predictions: Iterable[FilePrediction]) -> dict:
+  """A FeatureCollection with one cell polygon per candidate ([lon, lat] rings, closed)."""
+  features = []
+  for p in predictions:
+    for c in p.candidates or ():
+      ring = [[lon, lat] for lat, lon in c["vertices"]]
+      lons = [q[0] for q in ring]
+      if max(lons) - min(lons) > 180:  # a cell astride the antimeridian: keep the ring contiguous
+        ring = [[lon + 360 if lon < 0 else lon, lat] for lon, lat in ring]
+      ring.append(ring[0])
+      properties = {k: v for k, v in c.items() if k != "vertices"}
+      features.append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]},
+                       "properties": {"image": p.path, **properties}})
+  return {"type": "FeatureCollection", "features": features}

@@ -1,0 +1,391 @@
+"""The trainer: train_and_evaluate(config, workdir), from a 2-core CPU to a pod.
+
+Read top to bottom: check the config against the mesh (before anything
+compiles), build the data and the model state (sharded by the config's
+logical-axis rules), restore the newest checkpoint that restores (refusing a
+resume whose batch size, tokens, model or data differ), then loop: one jitted,
+donated train step per global batch; a step whose loss or gradients are not
+finite is skipped and counted, and too many in a row stop the run; periodic
+validation through geotoken_jax.inference (the evaluation job's path);
+asynchronous checkpoints that also hold the data iterator and the run's config;
+a preemption saves and exits.  At the end the test split is evaluated and the
+table printed and written to WORKDIR/results.json.
+
+Paths go through etils.epath: a `gs://` workdir is used as the URL it is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import signal
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from etils import epath
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from geotoken_jax import checkpoint, data, inference, metrics, models, optim, s2, sharding, summary
+from geotoken_jax.decoding import strategies
+
+PREEMPTED_EXIT_CODE = 143
+
+
+class NonFiniteTrainingError(RuntimeError):
+  """Too many consecutive steps had a non-finite loss or gradient."""
+
+
+class ConfigMismatchError(ValueError):
+  """A resume whose config differs from the checkpoint's in a field that must not change."""
+
+
+# ---------------------------------------------------------------------------
+# Config checks (before any compilation).
+
+
+def check_config(config: ml_collections.ConfigDict, mesh) -> None:
+  """Fails fast, naming the field, on settings the run cannot honour."""
+  devices = sharding.global_batch_size_divisor(mesh)
+  processes = jax.process_count()
+  accum = int(config.optim.grad_accum_steps)
+  if accum < 1:
+    raise ValueError(f"optim.grad_accum_steps must be >= 1, got {accum}")
+  if config.batch_size < 1 or config.batch_size % (devices * accum) or config.batch_size % processes:
+    raise ValueError(f"batch_size {config.batch_size} must be a multiple of the mesh's {devices} batch devices "
+                     f"x optim.grad_accum_steps {accum} (= {devices * accum}) and of the {processes} processes: "
+                     "each microbatch is cut from every device's own rows")
+  if config.eval_batch_size < 1 or config.eval_batch_size % devices or config.eval_batch_size % processes:
+    raise ValueError(f"eval_batch_size {config.eval_batch_size} must be a multiple of the mesh's {devices} "
+                     f"batch devices and of the {processes} processes")
+  inference.check_evaluation(config, mesh)  # evaluate.batch_size, evaluate.strategies
+  strategies.parse_strategies(validation_strategy(config), inference.token_spec(config))
+  if int(config.get("max_consecutive_nonfinite", 1)) < 1:
+    raise ValueError(f"max_consecutive_nonfinite must be >= 1, got {config.max_consecutive_nonfinite}")
+  if int(config.get("preemption_check_every_steps", 1)) < 1:
+    raise ValueError("preemption_check_every_steps must be >= 1")
+
+
+def validation_strategy(config) -> str:
+  return str(config.get("validation_strategy", "greedy"))
+
+
+# Fields a resumed run must share with its checkpoint: they fix the data stream,
+# the parameters' shapes or what the tokens mean.
+RESUME_FIELDS = ("batch_size", "seed", "tokens", "model", "data.name", "data.splits", "data.image_size",
+                 "data.holdout", "data.leak_filter")
+
+
+def _field(tree: dict, dotted: str):
+  for part in dotted.split("."):
+    if not isinstance(tree, dict) or part not in tree:
+      return None
+    tree = tree[part]
+  return tree
+
+
+def check_resume(saved_config: dict | None, config: ml_collections.ConfigDict, step: int) -> None:
+  """Refuses to resume a checkpoint written with different batch size, tokens, model or data."""
+  if not saved_config:
+    return
+  current = json.loads(config.to_json_best_effort())
+  for name in RESUME_FIELDS:
+    old, new = _field(saved_config, name), _field(current, name)
+    if old != new:
+      differing = name
+      if isinstance(old, dict) and isinstance(new, dict):
+        keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        differing = ", ".join(f"{name}.{k}" for k in keys)
+        old = {k: old.get(k) for k in keys}
+        new = {k: new.get(k) for k in keys}
+      raise ConfigMismatchError(
+          f"cannot resume: the checkpoint of step {step} was trained with {differing} = {old!r}, this run "
+          f"asks for {new!r}. Rerun with the checkpoint's value (e.g. --config.{differing.split(', ')[0]}=...) "
+          "or start a new --workdir.")
+
+
+# ---------------------------------------------------------------------------
+# State and steps.
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSetup:
+  """What the steps close over: the model's structure, the optimizer, shardings."""
+
+  graphdef: nnx.GraphDef
+  optimizer: optax.GradientTransformation
+  schedule: optax.Schedule
+  state_shardings: Any
+  spec: s2.TokenSpec
+
+
+def create_train_state(config: ml_collections.ConfigDict, spec: s2.TokenSpec, mesh: jax.sharding.Mesh,
+                       total_steps: int, steps_per_epoch: int) -> tuple[TrainSetup, dict]:
+  """Initializes parameters and optimizer state directly in their shardings."""
+  build = functools.partial(models.build_model, config.model, spec)
+  abstract_model = nnx.eval_shape(lambda: build(rngs=nnx.Rngs(config.seed)))
+  graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
+  param_shardings = sharding.state_shardings(abstract_params, mesh, config.sharding_rules)
+  optimizer, schedule = optim.make_optimizer(config.optim, total_steps, steps_per_epoch)
+
+  def init():
+    params = nnx.state(build(rngs=nnx.Rngs(config.seed)), nnx.Param)
+    params = jax.lax.with_sharding_constraint(params, param_shardings)
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params),
+            # Steps skipped for a non-finite loss or gradient: in a row, and in all.
+            "nonfinite": {"consecutive": jnp.zeros((), jnp.int32), "total": jnp.zeros((), jnp.int32)}}
+
+  # XLA propagates the parameters' shardings into the optimizer state (Adam's
+  # moments mirror the parameters); the steps then pin what it chose.
+  state = jax.jit(init)()
+  state_shardings = jax.tree.map(lambda x: x.sharding, state)
+  state_shardings["params"] = param_shardings
+  return TrainSetup(graphdef, optimizer, schedule, state_shardings, spec), state
+
+
+def _position_weights(config: ml_collections.ConfigDict, spec: s2.TokenSpec) -> jax.Array:
+  first, last = config.loss.position_weights
+  return jnp.linspace(first, last, spec.num_positions, dtype=jnp.float32)
+
+
+def make_train_step(setup: TrainSetup, config: ml_collections.ConfigDict, mesh) -> Callable:
+  """The jitted step: (state, global batch) -> (state, metrics); state donated.
+
+  A step whose loss or gradient norm is not finite leaves parameters and
+  optimizer state as they were and counts itself in state["nonfinite"].
+  """
+  weights = _position_weights(config, setup.spec)
+  accum = int(config.optim.grad_accum_steps)
+  base_key = jax.random.key(config.seed)
+
+  def loss_fn(params, micro, key):
+    model = nnx.merge(setup.graphdef, params)
+    # The model picks its inputs from the batch (image, or features + neighbours).
+    logits = model(micro, micro["tokens"], deterministic=False,
+                   rngs=nnx.Rngs(dropout=key))  # [batch, positions, vocab]
+    loss, aux = models.weighted_cross_entropy(logits, micro["tokens"], weights)
+    return loss, aux
+
+  def step(state, batch):
+    # The dropout key depends only on the step: identical on any mesh and after a resume.
+    key = jax.random.fold_in(base_key, state["step"])
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if accum == 1:
+      (loss, aux), grads = grad_fn(state["params"], batch, key)
+    else:
+      # Microbatches cut from each device's own rows (no all-gather of the batch).
+      micro = sharding.split_microbatches(batch, accum, mesh)  # leaves [accum, batch / accum, ...]
+
+      def accumulate(carry, inputs):
+        index, microbatch = inputs
+        (loss, aux), grads = grad_fn(state["params"], microbatch, jax.random.fold_in(key, index))
+        return jax.tree.map(jnp.add, carry, (loss, aux, grads)), None
+
+      zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+          lambda: grad_fn(state["params"], jax.tree.map(lambda x: x[0], micro), key)))
+      zeros = (zeros[0][0], zeros[0][1], zeros[1])
+      (loss, aux, grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(accum), micro))
+      loss, aux, grads = jax.tree.map(lambda x: x / accum, (loss, aux, grads))
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, opt_state = setup.optimizer.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+    consecutive = jnp.where(finite, 0, state["nonfinite"]["consecutive"] + 1)
+    new_state = {"step": state["step"] + 1, "params": keep(params, state["params"]),
+                 "opt_state": keep(opt_state, state["opt_state"]),
+                 "nonfinite": {"consecutive": consecutive,
+                               "total": state["nonfinite"]["total"] + (~finite).astype(jnp.int32)}}
+    step_metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": setup.schedule(state["step"]),
+                    "skipped": (~finite).astype(jnp.int32), "skipped_in_a_row": consecutive,
+                    "skipped_total": new_state["nonfinite"]["total"], **aux}
+    return new_state, step_metrics
+
+  return jax.jit(step, in_shardings=(setup.state_shardings, sharding.batch_sharding(mesh)),
+                 out_shardings=(setup.state_shardings, sharding.replicated(mesh)), donate_argnums=0)
+
+
+# ---------------------------------------------------------------------------
+# Preemption.
+
+
+class Preemption:
+  """Has the job been asked to stop?  Every process learns it at the same step.
+
+  One process: a SIGTERM handler sets a flag, read every step.  Several
+  processes: JAX's preemption sync point (the coordination service agrees on a
+  step in the background, no collective here) when jax.distributed runs it;
+  otherwise the SIGTERM flags are all-gathered every `check_every_steps` steps,
+  never after every step.
+  """
+
+  def __init__(self, check_every_steps: int = 10):
+    self._flag = threading.Event()
+    self._every = int(check_every_steps)
+    self._sync_point = False
+    if jax.process_count() > 1:
+      # jax.distributed.initialize starts the preemption sync manager unless
+      # jax_enable_preemption_service is off; its notifier then owns SIGTERM.
+      from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
+
+      state = getattr(jax_distributed, "global_state", None)
+      self._sync_point = getattr(state, "preemption_sync_manager", None) is not None
+    if not self._sync_point and threading.current_thread() is threading.main_thread():
+      signal.signal(signal.SIGTERM, lambda *_: self._flag.set())
+
+  @property
+  def mode(self) -> str:
+    return "sync_point" if self._sync_point else ("signal" if jax.process_count() == 1 else "gather")
+
+  def requested(self, step: int) -> bool:
+    if jax.process_count() == 1:
+      return self._flag.is_set()
+    if self._sync_point:
+      return bool(multihost_utils.reached_preemption_sync_point(step))
+    if step % self._every:
+      return False
+    return bool(multihost_utils.process_allgather(np.int32(self._flag.is_set())).any())
+
+
+# ---------------------------------------------------------------------------
+# The loop.
+
+
+def run_metadata(config: ml_collections.ConfigDict, spec: s2.TokenSpec) -> dict:
+  """What a checkpoint carries besides arrays: evaluate / predict rebuild the run from it."""
+  return {"config": json.loads(config.to_json_best_effort()),
+          "token_spec": {"level": spec.level, "group_size": spec.group_size},
+          "process_count": jax.process_count(), "device_count": jax.device_count()}
+
+
+def _restore(checkpointer, state, setup, train_iter, config):
+  """(state, train_iter) from the newest checkpoint that restores, after the resume check."""
+  abstract = checkpoint.abstract_like(state, setup.state_shardings)
+  latest = checkpointer.latest_step
+  metadata = checkpointer.read_metadata(latest)
+  check_resume((metadata or {}).get("config"), config, latest)
+  del state  # free the fresh initialization before restoring
+  state, train_iter, step = checkpointer.restore(abstract, train_iter)
+  if step != latest and jax.process_index() == 0:
+    print(f"checkpoint {latest} could not be restored (see the warning above); resumed from step {step}",
+          flush=True)
+  return state, train_iter
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
+  """Trains (resuming from workdir if it holds a checkpoint), then evaluates the test split.
+
+  Returns {"step", "validation", "test"}; {"preempted": True, "step"} when the run
+  was stopped to be resumed.  Raises NonFiniteTrainingError after
+  config.max_consecutive_nonfinite skipped steps in a row.
+  """
+  workdir = epath.Path(workdir)
+  spec = inference.token_spec(config)
+  mesh = sharding.create_mesh(config.mesh)
+  check_config(config, mesh)
+  process_index, process_count = jax.process_index(), jax.process_count()
+  if process_index == 0:
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
+
+  train_source = data.get_source(config.data, "train", spec, seed=config.seed)
+  steps_per_epoch = max(len(train_source) // config.batch_size, 1)
+  total_steps = config.num_steps or config.num_epochs * steps_per_epoch
+  train_iter = data.train_iterator(train_source, global_batch_size=config.batch_size, seed=config.seed,
+                                   process_index=process_index, process_count=process_count,
+                                   worker_count=config.data.worker_count)
+
+  setup, state = create_train_state(config, spec, mesh, total_steps, steps_per_epoch)
+  checkpointer = checkpoint.Checkpointer(workdir / "checkpoints", max_to_keep=config.max_checkpoints,
+                                         save_every_steps=config.checkpoint_every_steps)
+  if checkpointer.latest_step is not None:
+    state, train_iter = _restore(checkpointer, state, setup, train_iter, config)
+  start_step = int(jax.device_get(state["step"]))
+  n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
+  if process_index == 0:
+    print(f"{n_params / 1e6:.2f} M parameters | mesh {dict(mesh.shape)} | {process_count} process(es) "
+          f"| {len(train_source)} training images | {total_steps} steps from {start_step}", flush=True)
+
+  metadata = run_metadata(config, spec)
+  train_step = make_train_step(setup, config, mesh)
+  predictor = inference.Predictor(
+      setup.graphdef, None, setup.state_shardings["params"], mesh, spec,
+      strategies.parse_strategies(validation_strategy(config), spec),
+      loss_weights=_position_weights(config, spec))
+
+  def run_eval(split: str, params) -> dict:
+    source = data.get_source(config.data, split, spec)
+    return inference.validation_metrics(predictor, source, global_batch_size=config.eval_batch_size,
+                                        strategy_name=validation_strategy(config), params=params)
+
+  progress = summary.Progress(workdir, total_steps, start_step, config.batch_size)
+  preemption = Preemption(int(config.get("preemption_check_every_steps", 10)))
+  max_skips = int(config.get("max_consecutive_nonfinite", 20))
+  step = start_step
+  pending = None  # the previous step's metrics: read one step late, so the host never stalls the device
+  try:
+    while step < total_steps:
+      local_batch = next(train_iter)
+      batch = sharding.make_global_batch(inference.device_fields(local_batch), mesh)
+      with jax.transfer_guard("disallow"):  # no hidden host<->device copies in the hot loop
+        state, step_metrics = train_step(state, batch)
+      step += 1
+      if pending is not None:
+        _check_skips(pending, max_skips, checkpointer, workdir)
+      pending = (step, step_metrics)
+      if step % config.log_every_steps == 0 or step == total_steps:
+        progress.log(step, "train", jax.device_get(step_metrics))
+      if (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0) or step == total_steps:
+        _check_skips(pending, max_skips, checkpointer, workdir)
+        checkpointer.save(step, state, train_iter, metadata=metadata, force=True)
+      if config.eval_every_steps and step % config.eval_every_steps == 0 and step < total_steps:
+        progress.log(step, "validation", run_eval("validation", state["params"]))
+      # A time slice ends (stop_after_steps) exactly like a preemption.
+      if preemption.requested(step) or step == config.get("stop_after_steps", 0):
+        _check_skips(pending, max_skips, checkpointer, workdir)
+        checkpointer.save(step, state, train_iter, metadata=metadata, force=True)
+        checkpointer.close()
+        progress.close()
+        if process_index == 0:
+          print(f"preempted at step {step}: checkpoint saved; rerun the same command to resume", flush=True)
+        return {"preempted": True, "step": step}
+    if pending is not None:
+      _check_skips(pending, max_skips, checkpointer, workdir)
+  except NonFiniteTrainingError:
+    checkpointer.close()
+    progress.close()
+    raise
+
+  checkpointer.close()
+  results = {"step": step, "validation": run_eval("validation", state["params"]),
+             "test": run_eval(config.test_split, state["params"])}
+  progress.log(step, "test", results["test"])
+  progress.close()
+  if process_index == 0:
+    table = metrics.format_table({f"GeoToken {validation_strategy(config)} ({config.test_split})": results["test"]})
+    print(table, flush=True)
+    (workdir / "results.json").write_text(json.dumps({**results, "table": table, "config": config.to_dict()},
+                                                     indent=1, default=str))
+  return results
+
+
+def _check_skips(pending, max_skips: int, checkpointer, workdir) -> None:
+  step, step_metrics = pending
+  in_a_row = int(jax.device_get(step_metrics["skipped_in_a_row"]))
+  if in_a_row >= max_skips:
+    checkpointer.wait()
+    good = checkpointer.latest_step
+    where = (f"the last good checkpoint is step {good} in {workdir / 'checkpoints'}" if good is not None
+             else "no checkpoint was saved")
+    raise NonFiniteTrainingError(
+        f"step {step}: the last {in_a_row} steps (from step {step - in_a_row + 1}) had a non-finite loss or "
+        f"gradient and were skipped (max_consecutive_nonfinite = {max_skips}); {where}. Lower "
+        "optim.learning_rate, check the data, then rerun to resume from that checkpoint.")
