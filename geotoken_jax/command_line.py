@@ -68,11 +68,17 @@ def call(main: Callable[[Sequence[str]], int], argv: Sequence[str]) -> int:
   For tests and the `geotoken` script: flags from an earlier call are reset first.
   """
   FLAGS.unparse_flags()
+  for name in [n for n in FLAGS if n.startswith("config.")]:
+    delattr(FLAGS, name)  # the previous call's --config.FIELD override flags
+  # ml_collections reads the --config.FIELD overrides from sys.argv itself.
+  saved, sys.argv = sys.argv, list(argv)
   try:
     remaining = FLAGS(list(argv))
   except flags.Error as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  finally:
+    sys.argv = saved
   return int(main(remaining) or 0)
 
 

@@ -270,7 +270,7 @@ def _restore(checkpointer, state, setup, train_iter, config):
   """(state, train_iter) from the newest checkpoint that restores, after the resume check."""
   abstract = checkpoint.abstract_like(state, setup.state_shardings)
   latest = checkpointer.latest_step
-  metadata = checkpointer.read_metadata(latest)
+  metadata = checkpointer.read_metadata()  # the newest readable one (a corrupt one is skipped)
   check_resume((metadata or {}).get("config"), config, latest)
   del state  # free the fresh initialization before restoring
   state, train_iter, step = checkpointer.restore(abstract, train_iter)

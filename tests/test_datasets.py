@@ -184,7 +184,8 @@ def messy_entries(pool) -> list[dict]:
       special(26, "g1.jpg", None, "duplicate_id", lat_text=repr(float(lat[26]))),
       special(27, "lat95.jpg", jpeg(crops[27]), "bad_coordinates", lat_text="95.0"),
       special(28, "lon200.jpg", jpeg(crops[28]), "bad_coordinates", lon_text="200"),
-      special(22, "rgb.png", rgb_png, CONVERTED, crops[22]),
+      # An RGB PNG is lossless: kept byte for byte, like an RGB JPEG.
+      special(22, "rgb.png", rgb_png, KEPT, crops[22]),
       special(29, "text.jpg", jpeg(crops[29]), "bad_coordinates", lat_text="north"),
       special(30, "garbage.jpg", b"this is not an image\n" * 4, "undecodable_image"),
       # A duplicate is reported as duplicate_id even when its coordinates are bad too.
@@ -247,7 +248,7 @@ def messy(tmp_path_factory, pool):
 def test_fixture_covers_every_rejection_reason(messy):
   counts = {r: sum(e["expect"] == r for e in messy.entries) for r in tfds_builders.REASONS}
   assert counts == {"missing_image": 1, "undecodable_image": 2, "bad_coordinates": 5, "duplicate_id": 2}
-  assert sum(e["expect"] == CONVERTED for e in messy.entries) == 6
+  assert sum(e["expect"] == CONVERTED for e in messy.entries) == 5
 
 
 def test_summary_counts_are_exact(messy):
@@ -286,7 +287,7 @@ def test_converted_images_are_rgb_and_close_to_pil(messy):
     converted += 1
     got = pil_pixels(record["image"])
     assert_close(got, entry["truth"], entry["id"])
-  assert converted == 6
+  assert converted == 5
   # Alpha is composited on white, not dropped: far from the raw RGB where transparent.
   entry = next(e for e in written if e["id"] == "alpha.png")
   got = pil_pixels(records[written.index(entry)]["image"])

@@ -180,8 +180,9 @@ def test_two_processes_train_the_same_steps_as_one_and_resume_on_one(tmp_path):
   assert multi.returncode == 143, multi.stdout[-3000:] + multi.stderr[-3000:]
   assert "2 process(es)" in multi.stdout and "mesh {'data': 4, 'fsdp': 1}" in multi.stdout
   # The data iterator's state is one global JSON item, not one file per process.
-  step_dir = tmp_path / "two" / "checkpoints" / "3"
-  assert not [p for p in step_dir.rglob("process_*")], sorted(step_dir.rglob("*"))
+  iterator_dir = tmp_path / "two" / "checkpoints" / "3" / "data_iterator"
+  assert sorted(p.name for p in iterator_dir.iterdir()) == ["state.json"]
+  assert json.loads((iterator_dir / "state.json").read_text())["next_batch"] == 3
   resumed = subprocess.run(_train_command(tmp_path / "two"), env=_env(4), capture_output=True, text=True,
                            timeout=600)
   assert resumed.returncode == 0, resumed.stderr[-3000:]

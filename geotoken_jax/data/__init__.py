@@ -5,7 +5,12 @@
 `pipeline`    train_iterator (infinite, shuffled, identical global batches on
               any process count, checkpointable) and eval_batches (one padded,
               masked pass).
-`get_source`  the source a config's `data` block names (what the trainer calls).
+`get_source`  the source a config's `data` block names (what the trainer calls),
+              with holdout slices ("DATASET:SPLIT:holdout" / ":rest") and the
+              training leak filter (`subsets`).
+`training_tokens`  every training record's tokens without decoding an image
+              (what the decoding trie is built from).
+`Source`      the protocol every source satisfies (`source`).
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from geotoken_jax import s2
-from geotoken_jax.data import earth
+from geotoken_jax.data import earth, subsets
 from geotoken_jax.data.earth import (
     SPLITS,
     EarthSource,
@@ -28,6 +33,8 @@ from geotoken_jax.data.pipeline import (
     num_eval_batches,
     train_iterator,
 )
+from geotoken_jax.data.source import Source
+from geotoken_jax.data.subsets import Subset
 
 TFDS_DATASETS = ("mp16", "im2gps3k", "yfcc4k", "osv5m", "geo_csv")
 DATASETS = ("earth",) + TFDS_DATASETS
@@ -38,10 +45,43 @@ def resolve_split(data_config, split: str) -> tuple[str, str]:
 
   data_config.splits maps train / validation / test to "DATASET:SPLIT" or
   "SPLIT" (of data_config.name); a split given as "DATASET:SPLIT" is used as is.
+  A split may carry a holdout part: "DATASET:SPLIT:holdout" / "DATASET:SPLIT:rest"
+  (or "SPLIT:holdout" of data_config.name) -> (DATASET, "SPLIT:holdout").
   """
-  mapped = dict(data_config.get("splits") or {}).get(split, split)
-  dataset, sep, name = str(mapped).partition(":")
-  return (dataset, name) if sep else (data_config["name"], dataset)
+  mapped = str(dict(data_config.get("splits") or {}).get(split, split))
+  parts = mapped.split(":")
+  if len(parts) == 1:
+    return data_config["name"], mapped
+  if len(parts) == 2 and parts[1] in subsets.HOLDOUT_PARTS and parts[0] not in DATASETS:
+    return data_config["name"], mapped
+  return parts[0], ":".join(parts[1:])
+
+
+def _tfds_source(data_config, dataset: str, split: str, spec: s2.TokenSpec, **kwargs):
+  from geotoken_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
+
+  if not data_config.get("data_dir"):
+    raise ValueError(f"data set {dataset!r} needs data.data_dir (where it was prepared)")
+  return tfds_source.TfdsSource(tfds_source.dataset_dir(data_config["data_dir"], dataset), split, spec,
+                                image_size=data_config.get("image_size", 224), **kwargs)
+
+
+def _leak_ids(data_config, spec: s2.TokenSpec) -> dict[str, np.ndarray]:
+  """Photo ids of the splits data.leak_filter names, by name."""
+  out = {}
+  for name in subsets.parse_leak_filter(data_config.get("leak_filter")):
+    dataset, _, split = name.partition(":")
+    if dataset not in TFDS_DATASETS:
+      raise ValueError(f"data.leak_filter names {name!r}: only prepared data sets "
+                       f"({', '.join(TFDS_DATASETS)}) carry photo ids")
+    try:
+      source = _tfds_source(data_config, dataset, split, spec)
+    except (FileNotFoundError, ValueError) as e:
+      raise ValueError(f"data.leak_filter names {name!r}, which is not prepared in data.data_dir="
+                       f"{data_config.get('data_dir')!r} ({e}). Prepare it, or remove it from "
+                       "data.leak_filter.") from None
+    out[name] = source.index_arrays()["photo_id"]
+  return out
 
 
 def get_source(data_config, split: str, spec: s2.TokenSpec, *, seed: int = 0):
@@ -52,26 +92,40 @@ def get_source(data_config, split: str, spec: s2.TokenSpec, *, seed: int = 0):
   (TFDS_DATASETS; "data_dir", "image_size", "augment" for the train split,
   optional "splits" mapping, see resolve_split).  An optional "eval_limit"
   keeps only the first records of the evaluation splits.
+
+  A split "SPLIT:holdout" / "SPLIT:rest" is a Subset of SPLIT chosen by
+  data.holdout (see subsets).  For the train split, data.leak_filter (a tuple
+  of "DATASET:SPLIT") drops the rows whose Flickr photo id is in those splits;
+  the subset's leak_dropped says how many.
   """
   dataset, dataset_split = resolve_split(data_config, split)
+  base_split, part = subsets.split_part(dataset_split)
   if dataset == "earth":
-    source = EarthSource(dataset_split, spec,
+    source = EarthSource(base_split, spec,
                          image_size=data_config.get("image_size", earth.DEFAULT_IMAGE_SIZE))
   elif dataset in TFDS_DATASETS:
-    from geotoken_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
-
-    if not data_config.get("data_dir"):
-      raise ValueError(f"data set {dataset!r} needs data.data_dir (where it was prepared)")
-    source = tfds_source.TfdsSource(
-        tfds_source.dataset_dir(data_config["data_dir"], dataset), dataset_split, spec,
-        image_size=data_config.get("image_size", 224),
-        augment=split == "train" and bool(data_config.get("augment", False)), seed=seed)
+    source = _tfds_source(data_config, dataset, base_split, spec,
+                          augment=split == "train" and bool(data_config.get("augment", False)), seed=seed)
   else:
     raise ValueError(f"unknown data set {dataset!r}; available: {', '.join(DATASETS)}")
+  holdout = data_config.get("holdout")
+  holdout = dict(holdout) if holdout is not None else None
+  leak_ids = _leak_ids(data_config, spec) if split == "train" else None
+  if part is not None or leak_ids:
+    source = subsets.apply(source, source.index_arrays(), part=part, holdout=holdout, leak_ids=leak_ids,
+                           name=f"{dataset}:{dataset_split}" + (" leak-filtered" if leak_ids else ""))
   limit = data_config.get("eval_limit", 0)
   if split != "train" and limit:
     source = FirstRows(source, limit)
   return source
+
+
+def training_tokens(data_config, spec: s2.TokenSpec) -> np.ndarray:
+  """int32 [N, P]: the S2 tokens (at `spec`) of every record of the config's train
+  split (after its holdout part and leak filter), without decoding any image: the
+  earth benchmark's from its coordinates, a prepared data set's from its sidecar
+  index (or its records, for data prepared before sidecars)."""
+  return np.asarray(get_source(data_config, "train", spec).all_tokens(), np.int32)
 
 
 class FirstRows:
@@ -92,11 +146,15 @@ class FirstRows:
       raise IndexError(f"index {index} out of range for {self._length} records")
     return self._source[index % self._length]
 
-  def get_batch(self, indices) -> dict:
+  @property
+  def augment(self) -> bool:
+    return bool(getattr(self._source, "augment", False))
+
+  def get_batch(self, indices, positions=None) -> dict:
     indices = np.asarray(indices)
     if indices.size and (indices.min() < 0 or indices.max() >= self._length):
       raise IndexError(f"indices out of range for {self._length} records")
-    return load_rows(self._source, indices)
+    return load_rows(self._source, indices, positions=positions)
 
   def __repr__(self) -> str:
     return f"FirstRows({self._source!r}, limit={self._length})"

@@ -28,8 +28,11 @@ the first in 0, 1, 2, ... whose row fractions all lie within 0.5 points of
 90/5/5 (heavy cells, e.g. London with 3% of the rows, make a salt matter); it is
 frozen: changing it changes every split.
 
-Export any split to the Im2GPS3k layout (CSV with IMG_ID,LAT,LON + JPEGs):
-  python -m geotoken_jax.data.earth export --split test --output DIR [--limit N]
+Export any split to the Im2GPS3k layout (CSV with IMG_ID,LAT,LON + images):
+  python -m geotoken_jax.data.earth export --split test --output DIR [--limit N] [--format jpg|png]
+JPEG (quality 95) by default; --format png writes lossless crops, which
+preparation stores byte for byte, so a prepared export reads back with the
+exact pixels of EarthSource.
 """
 
 from __future__ import annotations
@@ -231,8 +234,24 @@ class EarthSource:
                        f"{indices[bad][:10].tolist()}")
     return indices
 
-  def get_batch(self, indices) -> dict[str, np.ndarray]:
-    """Records at `indices` stacked along a new leading axis (vectorized)."""
+  augment = False  # crops are fixed: no training augmentation
+
+  def all_tokens(self) -> np.ndarray:
+    """Tokens of every record [N, P] (no image is cut)."""
+    return self.tokens
+
+  def index_arrays(self) -> dict[str, np.ndarray]:
+    """The TFDS sidecar's arrays for this split (ids hashed as their decimal text;
+    no Flickr photo ids: -1)."""
+    from geotoken_jax.data import tfds_builders  # pylint: disable=g-import-not-at-top
+
+    return tfds_builders.make_index([str(i) for i in self.ids], self.lat, self.lon, self.tokens,
+                                    flickr_ids=False)
+
+  def get_batch(self, indices, positions=None) -> dict[str, np.ndarray]:
+    """Records at `indices` stacked along a new leading axis (vectorized).
+    `positions` (training stream positions) are accepted and unused: no augmentation."""
+    del positions
     indices = self._check_indices(indices)
     return {
         "image": crop_images(self.lat[indices], self.lon[indices], self.image_size),  # [B, S, S, 3]
@@ -255,16 +274,22 @@ class EarthSource:
 # Export to the Im2GPS3k layout.
 
 
-def image_name(record_id: int) -> str:
-  return f"earth_{int(record_id):06d}.jpg"
+EXPORT_FORMATS = ("jpg", "png")
+
+
+def image_name(record_id: int, image_format: str = "jpg") -> str:
+  return f"earth_{int(record_id):06d}.{image_format}"
 
 
 def export(split: str, output: str, limit: int | None = None,
-           image_size: int = DEFAULT_IMAGE_SIZE, chunk: int = 1024) -> int:
-  """Writes output/<split>.csv (IMG_ID,LAT,LON) and output/images/*.jpg; returns rows."""
+           image_size: int = DEFAULT_IMAGE_SIZE, chunk: int = 1024, image_format: str = "jpg") -> int:
+  """Writes output/<split>.csv (IMG_ID,LAT,LON) and output/images/*.jpg (JPEG
+  quality 95) or *.png (lossless, image_format="png"); returns rows."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
 
   _check_split(split)
+  if image_format not in EXPORT_FORMATS:
+    raise ValueError(f"image_format must be one of {', '.join(EXPORT_FORMATS)}, got {image_format!r}")
   ids = split_indices(split)
   if limit is not None:
     if limit < 0:
@@ -279,8 +304,11 @@ def export(split: str, output: str, limit: int | None = None,
       rows = ids[start:start + chunk]
       images = crop_images(lat[rows], lon[rows], image_size)  # [chunk, S, S, 3]
       for row, pixels in zip(rows.tolist(), images):
-        name = image_name(row)
-        Image.fromarray(pixels).save(os.path.join(image_dir, name), quality=95)
+        name = image_name(row, image_format)
+        if image_format == "png":
+          Image.fromarray(pixels).save(os.path.join(image_dir, name), format="PNG")
+        else:
+          Image.fromarray(pixels).save(os.path.join(image_dir, name), format="JPEG", quality=95)
         # repr of a Python float round-trips exactly.
         f.write(f"{name},{float(lat[row])!r},{float(lon[row])!r}\n")
   return int(ids.size)
@@ -290,16 +318,18 @@ def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m geotoken_jax.data.earth",
                                    description=__doc__.split("\n\n")[0])
   commands = parser.add_subparsers(dest="command", required=True)
-  export_parser = commands.add_parser("export", help="write a split as IMG_ID,LAT,LON CSV + JPEGs")
+  export_parser = commands.add_parser("export", help="write a split as IMG_ID,LAT,LON CSV + JPEG or PNG images")
   export_parser.add_argument("--split", required=True, choices=SPLITS)
   export_parser.add_argument("--output", required=True, help="directory for <split>.csv and images/")
   export_parser.add_argument("--limit", type=int, default=None, help="export only the first N rows")
   export_parser.add_argument("--image_size", type=int, default=DEFAULT_IMAGE_SIZE)
+  export_parser.add_argument("--format", default="jpg", choices=EXPORT_FORMATS,
+                             help="jpg (quality 95, the default) or png (lossless)")
   args = parser.parse_args(argv)
 
   start = time.perf_counter()
   try:
-    rows = export(args.split, args.output, args.limit, args.image_size)
+    rows = export(args.split, args.output, args.limit, args.image_size, image_format=args.format)
   except (ValueError, OSError) as e:
     print(f"earth: error: {e}", file=sys.stderr)
     return 2
@@ -308,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
       "rows": rows,
       "seconds": round(time.perf_counter() - start, 4),
       "output": args.output,
+      "format": args.format,
   }))
   return 0
 

@@ -34,19 +34,24 @@ def to_rgb(image: Image.Image) -> Image.Image:
   return image.convert("RGB")
 
 
-def normalize_image(data: bytes, *, max_side: int = 0) -> tuple[bytes, int, int]:
-  """Validated RGB JPEG bytes (and width, height) from any image file's bytes.
+KEPT_FORMATS = ("JPEG", "PNG")  # RGB files of these formats are stored as they are
 
-  An RGB JPEG that needs no resizing is kept byte for byte (no re-encoding
-  loss); anything else (PNG, CMYK / grayscale JPEG, palette, alpha, or larger
-  than max_side when max_side > 0) is converted to RGB and encoded as JPEG
-  (quality 95).  Raises UndecodableImage for truncated or corrupt data.
+
+def normalize_image(data: bytes, *, max_side: int = 0) -> tuple[bytes, int, int]:
+  """Validated RGB image bytes (and width, height) from any image file's bytes.
+
+  An RGB JPEG or an RGB PNG that needs no resizing is kept byte for byte (no
+  re-encoding loss: a PNG stays lossless, so exact pixel comparisons survive
+  preparation); anything else (CMYK / grayscale JPEG, palette, alpha or
+  grayscale PNG, other formats, or larger than max_side when max_side > 0) is
+  converted to RGB and encoded as JPEG (quality 95).  Raises UndecodableImage
+  for truncated or corrupt data.
   """
   try:
     with Image.open(io.BytesIO(data)) as image:
       image.load()  # decodes every byte: truncation raises here
       fmt = image.format
-      keep = fmt == "JPEG" and image.mode == "RGB" and (not max_side or max(image.size) <= max_side)
+      keep = fmt in KEPT_FORMATS and image.mode == "RGB" and (not max_side or max(image.size) <= max_side)
       if keep:
         return bytes(data), image.width, image.height
       rgb = to_rgb(image)
@@ -66,7 +71,9 @@ def decode_resized(data: bytes, size: int, *, rng: np.random.Generator | None = 
   """Encoded image -> uint8 [size, size, 3].
 
   rng None: deterministic evaluation view (shorter side resized to `size`,
-  centre crop).  With an rng: a random resized crop (area fraction in `scale`,
+  centre crop).  When the shorter side already is `size`, the centre square
+  is cut out without resampling (offset floor((long - size) / 2)): a 64x64
+  image at size 64 comes back pixel for pixel.  With an rng: a random resized crop (area fraction in `scale`,
   aspect ratio in `ratio`, as Inception / torchvision) and, if `flip`, a
   random horizontal flip.  Large JPEGs are decoded at a reduced scale first
   (PIL draft mode), which is much faster and loses nothing at the target size.
@@ -75,6 +82,9 @@ def decode_resized(data: bytes, size: int, *, rng: np.random.Generator | None = 
     image.draft("RGB", (size, size))  # JPEG: decode at >= size via DCT scaling
     image = to_rgb(image)
     width, height = image.size
+    if rng is None and min(width, height) == size:
+      left, top = (width - size) // 2, (height - size) // 2
+      return np.asarray(image.crop((left, top, left + size, top + size)), np.uint8)
     if rng is None:
       side = min(width, height)
       box = ((width - side) / 2, (height - side) / 2, (width + side) / 2, (height + side) / 2)

@@ -9,7 +9,11 @@ The last line printed is a JSON summary per split: rows read, written, rejected
 {missing_image, undecodable_image, bad_coordinates, duplicate_id} with the first
 offending ids; it is also written next to the data
 (DATA_DIR/NAME/VERSION/prepare_summary_SPLIT.json), where the evaluation job
-finds the number of rejected images.  See geotoken_jax.data.tfds_builders.
+finds the number of rejected images.  Beside it, index_SPLIT.npz holds every
+record's tokens, coordinates, id hash and Flickr photo id in record order (for
+the decoding trie, holdout slices and the leak filter, without reading the
+records); running prepare again on data prepared before sidecars existed adds
+them.  See geotoken_jax.data.tfds_builders.
 """
 
 from __future__ import annotations

@@ -2,8 +2,9 @@
 
 The TFDS `manual_dir` convention: the user downloads, the builder prepares.
 Every record carries:
-  image      JPEG bytes (RGB; an RGB JPEG is kept byte for byte, anything else
-             is converted: grayscale, CMYK, palette, alpha -> RGB JPEG)
+  image      RGB image bytes: an RGB JPEG or RGB PNG is kept byte for byte (so a
+             lossless PNG stays lossless), anything else is converted:
+             grayscale, CMYK, palette, alpha -> RGB JPEG
   latitude, longitude   float64 degrees
   tokens     int32 [P] S2 tokens (level / group size of the builder, default 20 / 2)
   id         the image id as in the metadata
@@ -28,19 +29,36 @@ counts (and the first ids per reason) go to a JSON summary per split, next to
 the prepared data.  Reading, decoding and re-encoding run in a process pool
 over chunks of rows (`workers`, default: all cores) feeding TFDS's writer;
 TensorFlow is not needed.
+
+Sidecar index.  Next to each split's summary, `index_SPLIT.npz` (plain .npy
+arrays in a zip, loadable with allow_pickle=False) holds one row per record,
+in record order (records are written with disable_shuffling, so record order
+is metadata order minus the rejected rows):
+  tokens     int32 [N, P]   the stored tokens (the builder's level / group size,
+                            also saved as the scalars token_level, token_group_size)
+  latlng     float64 [N, 2] exact degrees
+  id_hash    uint64 [N]     id_hash(id): the first 8 bytes of blake2b(id as UTF-8,
+                            digest_size=8) read as a little-endian integer
+  photo_id   int64 [N]      the Flickr photo id in the id (photo_ids), -1 if none
+It lets training read every record's tokens (the decoding trie), hold out a
+validation slice and filter test-set leaks without reading a single record.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import multiprocessing
 import os
+import re
 import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 
 from geotoken_jax import s2
 from geotoken_jax.data import images as images_lib
@@ -49,6 +67,8 @@ from geotoken_jax.data import readers
 REASONS = ("missing_image", "undecodable_image", "bad_coordinates", "duplicate_id")
 EXAMPLE_IDS_PER_REASON = 10
 SUMMARY_FILE = "prepare_summary_{split}.json"
+INDEX_FILE = "index_{split}.npz"
+INDEX_KEYS = ("tokens", "latlng", "id_hash", "photo_id")
 _CHUNK = 256  # rows per worker task
 
 
@@ -63,6 +83,7 @@ class Report:
     self.examples: dict[str, list[str]] = {r: [] for r in REASONS}
     self.start = time.perf_counter()
     self.seconds = 0.0
+    self.index: dict[str, np.ndarray] | None = None  # the sidecar arrays, set when the split is done
 
   def reject(self, reason: str, image_id: str) -> None:
     self.rejected[reason] += 1
@@ -88,6 +109,112 @@ def row_checks(metadata: readers.Metadata) -> np.ndarray:
   reasons[bad] = "bad_coordinates"
   reasons[duplicate] = "duplicate_id"
   return reasons
+
+
+# ----------------------------------------------------------------------------
+# The sidecar index.
+
+_MAX_INT64 = 2**63 - 1
+# A Flickr file name starts with the photo id, alone or followed by "_":
+#   MP16         3f/ab/1234567890.jpg   or   1234567890_0a1b2c3d4e.jpg
+#   Im2GPS3k     1000130297_5c0d3f0b09_1079_26286893@N00.jpg  (id_secret_server_owner)
+#   YFCC4k       1234567890.jpg, or info.txt's photo id column: 1234567890
+_PHOTO_ID = re.compile(r"(\d+)(?:_|$)")
+
+
+def id_hash(image_id: str) -> int:
+  """A stable 64-bit hash of an id: blake2b(UTF-8 bytes, digest_size=8), little-endian."""
+  return int.from_bytes(hashlib.blake2b(str(image_id).encode("utf-8"), digest_size=8).digest(), "little")
+
+
+def id_hashes(ids) -> np.ndarray:
+  """id_hash of each id, uint64 [N]."""
+  return np.fromiter((id_hash(i) for i in ids), dtype=np.uint64, count=len(ids))
+
+
+def photo_id(image_id: str) -> int:
+  """The Flickr photo id an id names, else -1.
+
+  The rule: take the file name (the part after the last "/" or "\\"), drop
+  its extension (the last ".xxx"), and if what is left is digits alone or
+  digits followed by "_" (Flickr's ID_SECRET[_SERVER_OWNER][_o] names), those
+  leading digits are the photo id.  Anything else (letters first, a value
+  beyond int64) gives -1.
+  """
+  name = re.split(r"[/\\]", str(image_id).strip())[-1]
+  stem = os.path.splitext(name)[0]
+  match = _PHOTO_ID.match(stem)
+  if not match:
+    return -1
+  value = int(match.group(1))
+  return value if value <= _MAX_INT64 else -1
+
+
+def photo_ids(ids) -> np.ndarray:
+  """photo_id of each id, int64 [N]."""
+  return np.fromiter((photo_id(i) for i in ids), dtype=np.int64, count=len(ids))
+
+
+def make_index(ids, lat, lon, tokens, *, flickr_ids: bool = True) -> dict[str, np.ndarray]:
+  """The sidecar arrays of records with these ids, coordinates and tokens (in record order)."""
+  n = len(ids)
+  tokens = np.asarray(tokens, np.int32)
+  return {
+      "tokens": tokens.reshape(n, tokens.shape[-1] if tokens.ndim == 2 else 0),
+      "latlng": np.stack([np.asarray(lat, np.float64), np.asarray(lon, np.float64)], axis=-1).reshape(n, 2),
+      "id_hash": id_hashes(ids),
+      "photo_id": photo_ids(ids) if flickr_ids else np.full(n, -1, np.int64),
+  }
+
+
+def index_path(dataset_dir: str, split: str) -> epath.Path:
+  return epath.Path(dataset_dir) / INDEX_FILE.format(split=split)
+
+
+def write_index(dataset_dir: str, split: str, index: Mapping[str, np.ndarray], spec: s2.TokenSpec) -> str:
+  """Writes index_SPLIT.npz atomically (a temporary file renamed); returns its path."""
+  missing = [k for k in INDEX_KEYS if k not in index]
+  if missing:
+    raise ValueError(f"index of {split!r} lacks {missing}")
+  n = len(index["id_hash"])
+  if any(len(index[k]) != n for k in INDEX_KEYS):
+    raise ValueError(f"index of {split!r}: arrays of different lengths {[len(index[k]) for k in INDEX_KEYS]}")
+  buffer = io.BytesIO()
+  np.savez(buffer, tokens=np.asarray(index["tokens"], np.int32), latlng=np.asarray(index["latlng"], np.float64),
+           id_hash=np.asarray(index["id_hash"], np.uint64), photo_id=np.asarray(index["photo_id"], np.int64),
+           token_level=np.int64(spec.level), token_group_size=np.int64(spec.group_size))
+  path = index_path(dataset_dir, split)
+  tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+  tmp.write_bytes(buffer.getvalue())
+  tmp.replace(path)  # atomic on a local disk: a reader sees the old file or the new one
+  return os.fspath(path)
+
+
+def load_index(dataset_dir: str, split: str) -> tuple[dict[str, np.ndarray], s2.TokenSpec] | None:
+  """(the sidecar arrays, the TokenSpec of its tokens) of a split, or None if it has no sidecar."""
+  path = index_path(dataset_dir, split)
+  if not path.exists():
+    return None
+  with np.load(io.BytesIO(path.read_bytes()), allow_pickle=False) as npz:
+    arrays = {k: npz[k] for k in INDEX_KEYS}
+    spec = s2.TokenSpec(int(npz["token_level"]), int(npz["token_group_size"]))
+  for array in arrays.values():
+    array.flags.writeable = False  # shared by every caller
+  return arrays, spec
+
+
+def index_from_records(data_source, *, flickr_ids: bool = True, chunk: int = 4096) -> dict[str, np.ndarray]:
+  """The sidecar arrays recomputed by reading every record (data prepared before sidecars)."""
+  ids, lat, lon, tokens = [], [], [], []
+  for start in range(0, len(data_source), chunk):
+    for record in data_source.__getitems__(list(range(start, min(start + chunk, len(data_source))))):
+      ids.append(record["id"].decode() if isinstance(record["id"], bytes) else str(record["id"]))
+      lat.append(float(record["latitude"]))
+      lon.append(float(record["longitude"]))
+      tokens.append(np.asarray(record["tokens"], np.int32))
+  width = tokens[0].shape[-1] if tokens else 0
+  return make_index(ids, lat, lon, np.stack(tokens) if tokens else np.zeros((0, width), np.int32),
+                    flickr_ids=flickr_ids)
 
 
 # Worker-process state, set once per worker by the pool initializer.
@@ -117,9 +244,11 @@ def _load_chunk(ids: list[str]) -> list[tuple[str, bytes | None, str]]:
 
 
 def generate_examples(metadata: readers.Metadata, store, spec: s2.TokenSpec, report: Report, *,
-                      workers: int | None = None, max_side: int = 0, country_column: str | None = None
-                      ) -> Iterator[tuple[str, dict]]:
-  """Validated examples in metadata order; fills `report`.  Keys are row numbers."""
+                      workers: int | None = None, max_side: int = 0, country_column: str | None = None,
+                      flickr_ids: bool = True) -> Iterator[tuple[str, dict]]:
+  """Validated examples in metadata order; fills `report` (and, once the last
+  example is out, report.index: the sidecar arrays of the written rows).  Keys
+  are row numbers."""
   reasons = row_checks(metadata)
   report.rows = len(metadata)
   ok = reasons == ""
@@ -145,6 +274,7 @@ def generate_examples(metadata: readers.Metadata, store, spec: s2.TokenSpec, rep
       for chunk, out in zip(chunks, loaded):
         yield chunk, out
 
+  written_rows = []
   for chunk, out in results():
     for i, (reason, jpeg, _) in zip(chunk, out):
       image_id = str(metadata.ids[i])
@@ -152,12 +282,16 @@ def generate_examples(metadata: readers.Metadata, store, spec: s2.TokenSpec, rep
         report.reject(reason, image_id)
         continue
       report.written += 1
+      written_rows.append(i)
       country = str(metadata.extras[country_column][i]) if country_column else ""
       yield f"{i:010d}", {
           "image": jpeg, "latitude": float(metadata.lat[i]), "longitude": float(metadata.lon[i]),
           "tokens": tokens[i], "id": image_id, "country": country.upper(),
           "metadata": json.dumps({n: str(metadata.extras[n][i]) for n in extra_names}, ensure_ascii=False),
       }
+  written_rows = np.asarray(written_rows, np.int64)
+  report.index = make_index([str(metadata.ids[i]) for i in written_rows], metadata.lat[written_rows],
+                            metadata.lon[written_rows], tokens[written_rows], flickr_ids=flickr_ids)
   report.seconds = time.perf_counter() - report.start
 
 
@@ -180,6 +314,8 @@ class GeoBuilder(tfds.core.GeneratorBasedBuilder):
   RELEASE_NOTES = {"1.0.0": "Initial release."}
   COUNTRY_COLUMN: str | None = None
   ID_COLUMN, LAT_COLUMN, LON_COLUMN = "IMG_ID", "LAT", "LON"
+  # Whether ids name Flickr photos (the sidecar's photo_id; see photo_id()).
+  FLICKR_IDS = True
 
   def __init__(self, *, swap_latlon: bool = False, workers: int | None = None, max_side: int = 0,
                level: int = 20, group_size: int = 2, csv_files: Mapping[str, str] | None = None,
@@ -248,7 +384,8 @@ class GeoBuilder(tfds.core.GeneratorBasedBuilder):
     report = self.reports[split] = Report(self.name, split)
     yield from generate_examples(metadata, store, self.spec, report, workers=self.workers,
                                  max_side=self.max_side, country_column=self.country_column
-                                 if self.country_column in metadata.extras else None)
+                                 if self.country_column in metadata.extras else None,
+                                 flickr_ids=self.FLICKR_IDS)
 
 
 class Mp16(GeoBuilder):
@@ -303,6 +440,7 @@ class Osv5m(GeoBuilder):
   MANUAL_DOWNLOAD_INSTRUCTIONS = "Put train.csv, test.csv and images/{train,test}/*.zip in manual_dir."
   ID_COLUMN, LAT_COLUMN, LON_COLUMN = "id", "latitude", "longitude"
   COUNTRY_COLUMN = "country"
+  FLICKR_IDS = False  # OSV-5M ids are Mapillary image ids: numeric, but not Flickr photo ids
 
   def layout(self, manual_dir):
     out = {}
@@ -335,6 +473,10 @@ BUILDERS = {"mp16": Mp16, "im2gps3k": Im2gps3k, "yfcc4k": Yfcc4k, "osv5m": Osv5m
 def prepare(dataset: str, manual_dir: str, data_dir: str, **options) -> dict[str, dict]:
   """Prepares a data set; returns (and writes next to the data) one summary per split.
 
+  Next to each summary goes the split's sidecar index (INDEX_FILE, see the
+  module docstring).  A data set prepared before sidecars existed gets them
+  now, from its records.
+
   With workers > 1 the images are read in spawned processes, which re-import
   the caller's main module: a script calling this must keep its entry point
   under `if __name__ == "__main__":` (the prepare CLI does).
@@ -344,15 +486,25 @@ def prepare(dataset: str, manual_dir: str, data_dir: str, **options) -> dict[str
   if not os.path.isdir(manual_dir):
     raise FileNotFoundError(f"manual_dir {manual_dir} does not exist")
   builder = BUILDERS[dataset](data_dir=data_dir, file_format="array_record", **options)
+  out_dir = os.fspath(builder.data_dir)
   if builder.is_prepared():  # TFDS would skip it: report what the earlier run wrote
-    return load_summaries(os.fspath(builder.data_dir))
+    summaries = load_summaries(out_dir)
+    for split in builder.info.splits:
+      if load_index(out_dir, split) is None:
+        source = builder.as_data_source(split=split, decoders={"image": tfds.decode.SkipDecoding()})
+        write_index(out_dir, split, index_from_records(source, flickr_ids=builder.FLICKR_IDS), builder.spec)
+    return summaries
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
   summaries = {}
   for split, report in builder.reports.items():
     summary = report.to_dict()
-    summary["data_dir"] = os.fspath(builder.data_dir)
-    with open(os.path.join(os.fspath(builder.data_dir), SUMMARY_FILE.format(split=split)), "w") as f:
-      json.dump(summary, f, indent=1)
+    summary["data_dir"] = out_dir
+    recorded = builder.info.splits[split].num_examples
+    if report.index is None or len(report.index["id_hash"]) != report.written or recorded != report.written:
+      raise RuntimeError(f"{dataset} {split}: {report.written} rows written, {recorded} records, sidecar of "
+                         f"{None if report.index is None else len(report.index['id_hash'])} rows")
+    write_index(out_dir, split, report.index, builder.spec)
+    (epath.Path(out_dir) / SUMMARY_FILE.format(split=split)).write_text(json.dumps(summary, indent=1))
     summaries[split] = summary
   return summaries
 
@@ -360,9 +512,8 @@ def prepare(dataset: str, manual_dir: str, data_dir: str, **options) -> dict[str
 def load_summaries(dataset_dir: str) -> dict[str, dict]:
   """The preparation summaries stored in a prepared data set's folder, by split."""
   out = {}
-  for name in sorted(os.listdir(dataset_dir)):
-    if name.startswith("prepare_summary_") and name.endswith(".json"):
-      with open(os.path.join(dataset_dir, name)) as f:
-        summary = json.load(f)
+  for path in sorted(epath.Path(dataset_dir).iterdir(), key=lambda p: p.name):
+    if path.name.startswith("prepare_summary_") and path.name.endswith(".json"):
+      summary = json.loads(path.read_text())
       out[summary["split"]] = summary
   return out
