@@ -77,12 +77,13 @@ def run_beam(model, inputs, width, **kw):
                               SPEC.num_positions, width, **kw)
 
 
-@pytest.mark.parametrize("width", [1, 2, 5, 24, 96])
+@pytest.mark.parametrize("width", [1, 2, 5, 8, 24, 96])
 def test_beam_equals_enumeration(width):
   model = tiny()
   inputs = images()
-  tokens, scores = jax.jit(lambda x: run_beam(model, x, width))(inputs)
+  tokens, scores, valid = jax.jit(lambda x: run_beam(model, x, width, return_valid=True))(inputs)
   tokens, scores = np.asarray(tokens), np.asarray(scores)
+  assert np.asarray(valid).all()  # 8 > the 6 faces: beams dead after step 0 come alive
   per_pos = sequence_log_probs(model, inputs)
   expected = reference_beam(per_pos, width)
   for b in range(BATCH):
@@ -157,6 +158,7 @@ def test_eight_devices_equal_one():
   for name in one:
     assert len(eight[name]["tokens"].sharding.device_set) == 8
     np.testing.assert_array_equal(np.asarray(one[name]["tokens"]), np.asarray(eight[name]["tokens"]))
+    assert np.asarray(one[name]["valid"]).all() and np.asarray(eight[name]["valid"]).all()
     np.testing.assert_allclose(np.asarray(one[name]["log_prob"]), np.asarray(eight[name]["log_prob"]),
                                rtol=1e-5, atol=1e-5)
 
@@ -298,8 +300,10 @@ def test_constrained_decoding_stays_in_trie(num_constrained):
   memory = model.encode(inputs)
   outputs = [decoding.greedy_decode(model.decode_step, model.init_cache(memory), 5, SPEC.num_positions,
                                     trie)[0][:, None]]
-  beam_tokens, beam_scores = decoding.beam_search(model.decode_step, model.init_cache(memory, 3), 5,
-                                                  SPEC.num_positions, 3, constraint=trie)
+  beam_tokens, beam_scores, beam_valid = decoding.beam_search(
+      model.decode_step, model.init_cache(memory, 3), 5, SPEC.num_positions, 3, constraint=trie,
+      return_valid=True)
+  assert np.asarray(beam_valid).all()
   outputs.append(beam_tokens)
   sampled, log_prob = decoding.sample_sequences(
       model.decode_step, model.init_cache(memory, 200), strategies.image_keys(0, jnp.arange(5)), 200,

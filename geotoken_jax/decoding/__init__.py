@@ -7,15 +7,21 @@ samples, with the encoder run once per image (its K/V cached once per image).
 
   greedy_decode      argmax per position
   beam_search        all W beams with their summed log-probabilities, best first
+                     (and, with return_valid=True, which beams are real sequences)
   sample_sequences   N samples per image; temperature, top-k, top-p; per-image keys
-  CellTrie           optional constraint: only cells with training data
+  CellTrie           optional constraint: only cells with training data; a jit
+                     ARGUMENT (never a closed-over constant)
+  cached_cell_trie   build_cell_trie from a token array, cached on disk (.npz)
   select             pool selection rules (logprob, vote, medoid, mean)
   top_candidates     top-k distinct candidates with normalized probabilities
-  Decoder            the above bound to a GeoTokenModel, as jitted functions
+  strategies         strategy strings; decode_pool (a strategy's pool on a
+                     GeoTokenModel: tokens, log_prob, latlng, valid) and choose
 """
 
 from geotoken_jax.decoding.beam import DEAD_SCORE, BeamState, beam_search, check_beam_size
-from geotoken_jax.decoding.constraints import CellTrie, build_cell_trie
+from geotoken_jax.decoding.constraints import (MASKED_LOGIT, CellTrie, build_cell_trie, cached_cell_trie,
+                                               load_cell_trie, save_cell_trie, trie_cache_key)
 from geotoken_jax.decoding.greedy import greedy_decode
-from geotoken_jax.decoding.sampling import check_sampling, filter_logits, sample_sequences
+from geotoken_jax.decoding.sampling import (check_sampling, filter_logits, filtered_sampling_logits,
+                                            sample_sequences)
 from geotoken_jax.decoding.selection import SELECTION_RULES, Selection, select, top_candidates

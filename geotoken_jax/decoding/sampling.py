@@ -11,10 +11,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from geotoken_jax.decoding.constraints import MASKED_LOGIT, CellTrie
+from geotoken_jax.decoding.constraints import ALLOWED_LOGIT, MASKED_LOGIT, CellTrie
 from geotoken_jax.decoding.types import Cache, TokensToLogits
 
-_VALID = MASKED_LOGIT / 2  # logits above this are real ids
+_VALID = ALLOWED_LOGIT  # logits above this are real ids
 
 
 def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
@@ -26,6 +26,30 @@ def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
     raise ValueError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
 
 
+def _filter(logits: jax.Array, temperature: float, top_k: int, top_p: float
+            ) -> tuple[jax.Array, jax.Array]:
+  """(logits / temperature [rows, vocab] with -inf for ids that are not real, keep [rows, vocab]
+  bool: the real ids that survive top-k and top-p)."""
+  logits = logits.astype(jnp.float32)
+  keep = logits > _VALID
+  # -inf (not MASKED_LOGIT) for masked ids: at a tiny temperature a real id's
+  # scaled logit can fall below MASKED_LOGIT, and must still beat every masked id.
+  scaled = jnp.where(keep, logits / temperature, -jnp.inf)
+  if top_k and top_k < logits.shape[-1]:
+    # The k-th largest value by a sort (lax.top_k would all-gather a batch-sharded batch).
+    vocab = logits.shape[-1]
+    kth = jnp.sort(scaled, axis=-1)[:, vocab - int(top_k):vocab - int(top_k) + 1]  # [rows, 1]
+    keep = keep & (scaled >= kth)
+  if top_p < 1.0:
+    ordered = jnp.sort(jnp.where(keep, scaled, -jnp.inf), axis=-1)[:, ::-1]  # descending
+    probs = jax.nn.softmax(ordered, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass of the more likely ids
+    kept = before < top_p  # the first id always (before = 0)
+    threshold = jnp.min(jnp.where(kept, ordered, jnp.inf), axis=-1, keepdims=True)
+    keep = keep & (scaled >= threshold)
+  return scaled, keep
+
+
 def filter_logits(logits: jax.Array, *, temperature: float = 1.0, top_k: int = 0,
                   top_p: float = 1.0) -> jax.Array:
   """The sampling distribution's logits [rows, vocab]: / temperature, then top-k, then top-p.
@@ -33,23 +57,22 @@ def filter_logits(logits: jax.Array, *, temperature: float = 1.0, top_k: int = 0
   Removed ids (and ids the model masked) get MASKED_LOGIT.  top_k keeps the k
   largest (ties at the k-th value are all kept); top_p keeps the smallest set
   of most likely ids whose probability reaches top_p (always at least one).
-  temperature must be > 0 here (0 is greedy, handled by the caller).
+  temperature must be > 0 here (0 is greedy, handled by the caller).  (The
+  sampler itself draws from filtered_sampling_logits, where removed ids are
+  -inf, so it never picks one whatever the temperature.)
   """
   check_sampling(temperature, top_k, top_p)
-  logits = logits.astype(jnp.float32)
-  valid = logits > _VALID
-  logits = jnp.where(valid, logits / temperature, MASKED_LOGIT)
-  if top_k and top_k < logits.shape[-1]:
-    kth = jax.lax.top_k(logits, int(top_k))[0][:, -1:]  # [rows, 1]
-    logits = jnp.where(logits >= kth, logits, MASKED_LOGIT)
-  if top_p < 1.0:
-    ordered = jnp.sort(logits, axis=-1)[:, ::-1]  # descending
-    probs = jax.nn.softmax(ordered, axis=-1)
-    before = jnp.cumsum(probs, axis=-1) - probs  # mass of the more likely ids
-    keep = before < top_p  # the first id always (before = 0)
-    threshold = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)
-    logits = jnp.where(logits >= threshold, logits, MASKED_LOGIT)
-  return jnp.where(valid, logits, MASKED_LOGIT)
+  scaled, keep = _filter(logits, temperature, top_k, top_p)
+  return jnp.where(keep, scaled, MASKED_LOGIT)
+
+
+def filtered_sampling_logits(logits: jax.Array, *, temperature: float = 1.0, top_k: int = 0,
+                             top_p: float = 1.0) -> jax.Array:
+  """As filter_logits, but removed and masked ids get -inf: jax.random.categorical on these
+  can only pick an id that is real (logit > MASKED_LOGIT / 2) and kept by the filters."""
+  check_sampling(temperature, top_k, top_p)
+  scaled, keep = _filter(logits, temperature, top_k, top_p)
+  return jnp.where(keep, scaled, -jnp.inf)
 
 
 def sample_sequences(tokens_to_logits: TokensToLogits, cache: Cache, image_keys: jax.Array,
@@ -82,7 +105,7 @@ def sample_sequences(tokens_to_logits: TokensToLogits, cache: Cache, image_keys:
     if temperature == 0:
       token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     else:
-      sampling_logits = filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)
+      sampling_logits = filtered_sampling_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)
       keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, position)
       token = jax.vmap(jax.random.categorical)(keys, sampling_logits).astype(jnp.int32)
     model_log_probs = jax.nn.log_softmax(logits, axis=-1)

@@ -21,6 +21,15 @@ Rules (`select(rule, ...)`):
            cell centre; index -1.  If the weighted vectors cancel (antipodal
            candidates) it falls back to `logprob`.
 Ties in logprob / medoid go to the earlier candidate.
+
+Validity: every rule and top_candidates take an optional `valid` [batch, N]
+bool (default all True).  Invalid entries (beams that never became real
+sequences: score about DEAD_SCORE, tokens possibly outside the trie or the
+vocabulary, coordinates possibly garbage) are ignored entirely: they are never
+chosen, never vote, do not count in a medoid's distances or a mean, and are
+never candidates.  A pool must hold at least one valid entry per image (beam
+search's beam 0 always is, greedy and sampling pools are all valid); with none
+the result is meaningless (index 0).
 """
 
 from __future__ import annotations
@@ -44,23 +53,30 @@ def _pick(latlng: jax.Array, index: jax.Array) -> jax.Array:
   return jnp.take_along_axis(latlng, index[:, None, None], axis=1)[:, 0]
 
 
-def first_occurrence(tokens: jax.Array) -> jax.Array:
-  """[batch, N] bool: True where no earlier candidate has the same sequence."""
+def _valid(valid: jax.Array | None, log_probs: jax.Array) -> jax.Array:
+  return jnp.ones(log_probs.shape, jnp.bool_) if valid is None else jnp.asarray(valid, jnp.bool_)
+
+
+def first_occurrence(tokens: jax.Array, valid: jax.Array | None = None) -> jax.Array:
+  """[batch, N] bool: True where the entry is valid and no earlier valid entry has the same
+  sequence."""
+  valid = _valid(valid, tokens[..., 0])
   same = jnp.all(tokens[:, :, None, :] == tokens[:, None, :, :], axis=-1)  # [batch, N, N]
   n = tokens.shape[1]
   earlier = jnp.tril(jnp.ones((n, n), jnp.bool_), k=-1)
-  return ~jnp.any(same & earlier, axis=-1)
+  return valid & ~jnp.any(same & earlier & valid[:, None, :], axis=-1)
 
 
-def select_logprob(tokens, log_probs, latlng) -> Selection:
+def select_logprob(tokens, log_probs, latlng, valid=None) -> Selection:
   del tokens
-  index = jnp.argmax(log_probs, axis=-1).astype(jnp.int32)
+  valid = _valid(valid, log_probs)
+  index = jnp.argmax(jnp.where(valid, log_probs, -jnp.inf), axis=-1).astype(jnp.int32)
   return Selection(_pick(latlng, index), index)
 
 
-def select_vote(tokens, log_probs, latlng) -> Selection:
-  _, n, positions = tokens.shape
-  alive = jnp.ones(log_probs.shape, jnp.bool_)  # [batch, N]
+def select_vote(tokens, log_probs, latlng, valid=None) -> Selection:
+  positions = tokens.shape[2]
+  alive = _valid(valid, log_probs)  # [batch, N]
   for p in range(positions):
     column = tokens[:, :, p]  # [batch, N]
     same = column[:, :, None] == column[:, None, :]  # [batch, N, N]
@@ -68,18 +84,20 @@ def select_vote(tokens, log_probs, latlng) -> Selection:
     votes = jnp.where(alive, votes, -1)
     best = jnp.max(votes, axis=-1, keepdims=True)
     # Among the most voted tokens, the one of the most likely alive candidate.
-    leader = jnp.argmax(jnp.where(votes == best, log_probs, -jnp.inf), axis=-1)  # [batch]
+    leader = jnp.argmax(jnp.where(alive & (votes == best), log_probs, -jnp.inf), axis=-1)  # [batch]
     winner = jnp.take_along_axis(column, leader[:, None], axis=1)  # [batch, 1]
     alive = alive & (column == winner)
-  del n
   index = jnp.argmax(jnp.where(alive, log_probs, -jnp.inf), axis=-1).astype(jnp.int32)
   return Selection(_pick(latlng, index), index)
 
 
-def select_medoid(tokens, log_probs, latlng) -> Selection:
-  del tokens, log_probs
+def select_medoid(tokens, log_probs, latlng, valid=None) -> Selection:
+  del tokens
+  valid = _valid(valid, log_probs)
   distances = metrics.haversine_km_jax(latlng[:, :, None, :], latlng[:, None, :, :])  # [batch, N, N]
-  index = jnp.argmin(jnp.sum(distances, axis=-1), axis=-1).astype(jnp.int32)
+  distances = jnp.where(valid[:, :, None] & valid[:, None, :], distances, 0.0)
+  totals = jnp.where(valid, jnp.sum(distances, axis=-1), jnp.inf)
+  index = jnp.argmin(totals, axis=-1).astype(jnp.int32)
   return Selection(_pick(latlng, index), index)
 
 
@@ -88,14 +106,17 @@ def unit_vectors(latlng: jax.Array) -> jax.Array:
   return jnp.stack([jnp.cos(lat) * jnp.cos(lng), jnp.cos(lat) * jnp.sin(lng), jnp.sin(lat)], axis=-1)
 
 
-def select_mean(tokens, log_probs, latlng) -> Selection:
-  distinct = first_occurrence(tokens)
-  weights = jnp.where(distinct, jnp.exp(log_probs - jnp.max(log_probs, axis=-1, keepdims=True)), 0.0)
-  total = jnp.sum(weights[..., None] * unit_vectors(latlng), axis=1)  # [batch, 3]
+def select_mean(tokens, log_probs, latlng, valid=None) -> Selection:
+  valid = _valid(valid, log_probs)
+  distinct = first_occurrence(tokens, valid)
+  top = jnp.max(jnp.where(valid, log_probs, -jnp.inf), axis=-1, keepdims=True)
+  weights = jnp.where(distinct, jnp.exp(jnp.where(distinct, log_probs - top, 0.0)), 0.0)
+  vectors = jnp.where(distinct[..., None], weights[..., None] * unit_vectors(latlng), 0.0)
+  total = jnp.sum(vectors, axis=1)  # [batch, 3]
   norm = jnp.linalg.norm(total, axis=-1)
   mean = jnp.stack([jnp.degrees(jnp.arcsin(jnp.clip(total[:, 2] / jnp.maximum(norm, 1e-30), -1, 1))),
                     jnp.degrees(jnp.arctan2(total[:, 1], total[:, 0]))], axis=-1)
-  fallback = select_logprob(tokens, log_probs, latlng)
+  fallback = select_logprob(tokens, log_probs, latlng, valid)
   # Relative to the largest weight (1): a resultant this short is direction noise.
   cancelled = norm < 1e-6
   return Selection(jnp.where(cancelled[:, None], fallback.latlng, mean),
@@ -105,26 +126,32 @@ def select_mean(tokens, log_probs, latlng) -> Selection:
 _RULES = {"logprob": select_logprob, "vote": select_vote, "medoid": select_medoid, "mean": select_mean}
 
 
-def select(rule: str, tokens: jax.Array, log_probs: jax.Array, latlng: jax.Array) -> Selection:
-  """tokens [batch, N, positions], log_probs [batch, N], latlng [batch, N, 2] -> Selection."""
+def select(rule: str, tokens: jax.Array, log_probs: jax.Array, latlng: jax.Array,
+           valid: jax.Array | None = None) -> Selection:
+  """tokens [batch, N, positions], log_probs [batch, N], latlng [batch, N, 2], valid [batch, N]
+  bool (None = all valid) -> Selection; invalid entries are ignored."""
   if rule not in _RULES:
     raise ValueError(f"unknown selection rule {rule!r}; choose from {', '.join(SELECTION_RULES)}")
-  return _RULES[rule](tokens, log_probs, latlng)
+  return _RULES[rule](tokens, log_probs, latlng, valid)
 
 
-def top_candidates(tokens: jax.Array, log_probs: jax.Array, k: int
+def top_candidates(tokens: jax.Array, log_probs: jax.Array, k: int, valid: jax.Array | None = None
                    ) -> tuple[jax.Array, jax.Array]:
-  """The k most likely DISTINCT sequences of each pool with probabilities normalized over
-  the pool's distinct sequences: (index [batch, k] int32 into the pool, probability
-  [batch, k] float32, descending).  Fewer than k distinct sequences: the rest have
+  """The k most likely DISTINCT valid sequences of each pool with probabilities normalized over
+  the pool's distinct valid sequences: (index [batch, k] int32 into the pool, probability
+  [batch, k] float32, descending).  Fewer than k distinct valid sequences: the rest have
   index -1 and probability 0."""
   n = tokens.shape[1]
-  distinct = first_occurrence(tokens)
+  distinct = first_occurrence(tokens, valid)
   masked = jnp.where(distinct, log_probs, -jnp.inf)
   probs = jnp.where(distinct, jax.nn.softmax(masked, axis=-1), 0.0)
   k_eff = min(int(k), n)
-  top_p, index = jax.lax.top_k(probs, k_eff)
-  index = jnp.where(top_p > 0, index, -1).astype(jnp.int32)
+  # A distinct valid entry's probability may underflow to 0 next to a far likelier one;
+  # it is still a candidate (ranked before every duplicate or invalid entry, at -1).
+  ranked, index = jax.lax.top_k(jnp.where(distinct, probs, -1.0), k_eff)
+  filled = ranked >= 0
+  index = jnp.where(filled, index, -1).astype(jnp.int32)
+  top_p = jnp.where(filled, ranked, 0.0)
   if k_eff < k:
     pad = ((0, 0), (0, int(k) - k_eff))
     index = jnp.pad(index, pad, constant_values=-1)

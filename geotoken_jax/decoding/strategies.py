@@ -17,6 +17,11 @@ followed by optional key=value fields:
                                token spec's level)
 e.g. "sample:30:0.7:medoid:top_p=0.95:trie=2:trie_level=10".
 
+A beam width above the number of sequences the trie allows (CellTrie.num_sequences,
+static) is clamped to it with a warning, so the pool has min(W, allowed) beams.
+Every pool carries `valid` [B, N]; the selection rules and the candidates ignore
+invalid entries (see geotoken_jax.decoding.selection).
+
 Samples with the same (N, T, top_k, top_p, trie) give the same pool whatever
 the rule (the keys depend on the seed and the image only), so the evaluation
 job decodes each pool once and applies every rule asked of it.
@@ -25,6 +30,8 @@ job decodes each pool once and applies every rule asked of it.
 from __future__ import annotations
 
 import dataclasses
+import math
+import warnings
 from typing import Any, Mapping
 
 import jax
@@ -171,30 +178,72 @@ def image_keys(seed: int, image_index: jax.Array) -> jax.Array:
   return jax.vmap(lambda i: jax.random.fold_in(base, i))(image_index.astype(jnp.uint32))
 
 
+def num_allowed_sequences(spec: s2.TokenSpec, constraint: CellTrie | None) -> int:
+  """How many distinct full sequences decoding may produce (a Python int, static)."""
+  if constraint is not None:
+    return int(constraint.num_sequences)
+  return math.prod(int(v) for v in spec.vocab_sizes)
+
+
+def pool_width(strategy: Strategy, spec: s2.TokenSpec, constraint: CellTrie | None) -> int:
+  """The number of sequences decode_pool returns per image: a beam width above the number
+  of sequences the trie (or the vocabulary) allows is clamped to it, with a warning."""
+  if strategy.kind != "beam":
+    return strategy.pool_size
+  allowed = num_allowed_sequences(spec, constraint)
+  if strategy.beam_size > allowed:
+    warnings.warn(f"{strategy.name}: beam width {strategy.beam_size} exceeds the {allowed} sequences "
+                  f"the {'trie' if constraint is not None else 'vocabulary'} allows; using {allowed} beams",
+                  stacklevel=3)
+    return allowed
+  return strategy.beam_size
+
+
 def decode_pool(model, memory: jax.Array, strategy: Strategy, keys: jax.Array,
                 constraint: CellTrie | None) -> dict[str, jax.Array]:
-  """The strategy's pool for each image: tokens [B, N, P], log_prob [B, N], latlng [B, N, 2]."""
+  """The strategy's pool for each image, a dict of:
+
+    tokens    [B, N, P] int32
+    log_prob  [B, N] float32
+    latlng    [B, N, 2] float32 cell centres (degrees)
+    valid     [B, N] bool: False for beams that never became real sequences (their other
+              fields are meaningless); greedy and sampling pools are all valid
+
+  N is 1 (greedy), the number of samples, or the beam width clamped to the number of
+  sequences the trie allows (pool_width, which warns).  `constraint` is a traced
+  argument of the caller's jitted function (only its static fields are read here).
+  """
   batch = memory.shape[0]
   positions = model.num_positions
-  cache = model.init_cache(memory, strategy.pool_size)
+  width = pool_width(strategy, model.spec, constraint)
+  cache = model.init_cache(memory, width)
   if strategy.kind == "greedy":
     tokens, log_prob = greedy_decode(model.decode_step, cache, batch, positions, constraint)
     tokens, log_prob = tokens[:, None], log_prob[:, None]
+    valid = jnp.ones((batch, 1), jnp.bool_)
   elif strategy.kind == "beam":
-    tokens, log_prob = beam_search(model.decode_step, cache, batch, positions, strategy.beam_size,
-                                   temperature=strategy.temperature, constraint=constraint)
+    tokens, log_prob, valid = beam_search(model.decode_step, cache, batch, positions, width,
+                                          temperature=strategy.temperature, constraint=constraint,
+                                          return_valid=True)
   else:
+    # The sampler draws from logits where masked and filtered ids are -inf, so it can
+    # never pick an id the model or the trie masked: every sample is valid.
     tokens, log_prob = sample_sequences(
         model.decode_step, cache, keys, strategy.num_samples, positions,
         temperature=strategy.temperature, top_k=strategy.top_k, top_p=strategy.top_p,
         constraint=constraint)
+    valid = jnp.ones(log_prob.shape, jnp.bool_)
   latlng = jax_ops.tokens_to_latlng(tokens.reshape(-1, positions), model.spec)
-  return {"tokens": tokens, "log_prob": log_prob, "latlng": latlng.reshape(tokens.shape[:2] + (2,))}
+  return {"tokens": tokens, "log_prob": log_prob, "latlng": latlng.reshape(tokens.shape[:2] + (2,)),
+          "valid": valid}
 
 
 def choose(pool: Mapping[str, jax.Array], rule: str, num_candidates: int) -> dict[str, jax.Array]:
-  """Applies a selection rule and the top-k candidates to a pool."""
-  chosen = select(rule, pool["tokens"], pool["log_prob"], pool["latlng"])
-  index, probability = top_candidates(pool["tokens"], pool["log_prob"], num_candidates)
+  """Applies a selection rule and the top-k candidates to a pool (its invalid entries, if it
+  has a "valid" field, are ignored): predicted [B, 2], chosen [B] (-1 for mean),
+  candidates [B, k] (-1 = empty slot), candidate_prob [B, k]."""
+  valid = pool.get("valid")
+  chosen = select(rule, pool["tokens"], pool["log_prob"], pool["latlng"], valid)
+  index, probability = top_candidates(pool["tokens"], pool["log_prob"], num_candidates, valid)
   return {"predicted": chosen.latlng, "chosen": chosen.index, "candidates": index,
           "candidate_prob": probability}
