@@ -79,7 +79,11 @@ def call(main: Callable[[Sequence[str]], int], argv: Sequence[str]) -> int:
     return 2
   finally:
     sys.argv = saved
-  return int(main(remaining) or 0)
+  verbosity = logging.get_verbosity()
+  try:
+    return int(main(remaining) or 0)
+  finally:
+    logging.set_verbosity(verbosity)  # a command's quiet_logs() must not outlive it
 
 
 def run(main: Callable[[Sequence[str]], int]) -> None:

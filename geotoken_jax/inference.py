@@ -577,13 +577,17 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".ti
 
 def list_images(inputs: Iterable[str]) -> list[str]:
   """Files as given, folders expanded to their image files (recursively, sorted)."""
+  def walk(folder: epath.Path) -> Iterator[epath.Path]:
+    for child in sorted(folder.iterdir(), key=str):  # iterdir: rglob is refused on object stores
+      if child.is_dir():
+        yield from walk(child)
+      elif child.suffix.lower() in IMAGE_SUFFIXES:
+        yield child
+
   out = []
   for item in inputs:
     path = epath.Path(item)
-    if path.is_dir():
-      out.extend(sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES))
-    else:
-      out.append(str(item))
+    out.extend(str(p) for p in walk(path)) if path.is_dir() else out.append(str(item))
   return out
 
 

@@ -134,13 +134,16 @@ def test_rerun_resumes_and_reproduces(evaluated, workdir):
   with open(path, "w") as f:
     f.writelines(lines[:21])
     f.write(lines[21][:30])
+  others = {name: open(os.path.join(out, "predictions", inference.file_name(name) + ".jsonl")).read()
+            for name in STRATEGIES.split(",") if name != "sample:4:0.7:vote"}
   again = inference.run_evaluation(config(), str(workdir), strategy_text=STRATEGIES, limit=LIMIT, output_dir=out)
-  # Only the sample pool was decoded again, from batch 21 // 16 = 1; its rows are identical.
-  assert list(again["timings"]) == ["sample:4:0.7:logprob"]
-  assert again["timings"]["sample:4:0.7:logprob"]["images"] == LIMIT - 16
+  # Every strategy restarts at batch 21 // 16 = 1 (one predictor decodes them together);
+  # every file comes back identical.
+  assert list(again["timings"]) == ["all_strategies"]
+  assert again["timings"]["all_strategies"]["images"] == LIMIT - 16
   assert open(path).read() == original
-  for name in ("sample:4:0.7:medoid", "sample:4:0.7:mean"):
-    assert len(_rows(again, name)) == LIMIT
+  for name, text in others.items():
+    assert open(os.path.join(out, "predictions", inference.file_name(name) + ".jsonl")).read() == text, name
   assert again["results"] == evaluated["results"]
   # Everything done: nothing is decoded.
   assert inference.run_evaluation(config(), str(workdir), strategy_text=STRATEGIES, limit=LIMIT,
