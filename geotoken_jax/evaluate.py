@@ -74,7 +74,7 @@ def main(argv: Sequence[str]) -> int:
   cl.initialize_distributed()
   import jax  # pylint: disable=g-import-not-at-top
 
-  from geotoken_jax import inference, metrics  # pylint: disable=g-import-not-at-top
+  from geotoken_jax import checkpoint, inference, metrics  # pylint: disable=g-import-not-at-top
 
   workdir = cl.WORKDIR.value
   try:
@@ -89,7 +89,7 @@ def main(argv: Sequence[str]) -> int:
     result = inference.run_evaluation(config, workdir, strategy_text=cl.STRATEGIES.value, split=_SPLIT.value,
                                       source=source, split_label=label, step=cl.STEP.value,
                                       output_dir=cl.OUTPUT_DIR.value, limit=_LIMIT.value, make_plots=_PLOTS.value)
-  except (ValueError, FileNotFoundError) as e:
+  except (ValueError, FileNotFoundError, checkpoint.CheckpointRestoreError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   if jax.process_index() == 0:

@@ -52,7 +52,7 @@ def main(argv: Sequence[str]) -> int:
   cl.quiet_logs()
   import jax  # pylint: disable=g-import-not-at-top
 
-  from geotoken_jax import inference  # pylint: disable=g-import-not-at-top
+  from geotoken_jax import checkpoint, inference  # pylint: disable=g-import-not-at-top
 
   try:
     restored = inference.restore_model(cl.WORKDIR.value, config=cl.CONFIG.value, step=cl.STEP.value,
@@ -91,7 +91,7 @@ def main(argv: Sequence[str]) -> int:
     finally:
       if out_file is not None:
         out_file.close()
-  except (ValueError, FileNotFoundError) as e:
+  except (ValueError, FileNotFoundError, checkpoint.CheckpointRestoreError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   if _GEOJSON.value:

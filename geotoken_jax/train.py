@@ -26,14 +26,14 @@ def main(argv: Sequence[str]) -> int:
 
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   cl.initialize_distributed()
-  from geotoken_jax import trainer  # pylint: disable=g-import-not-at-top
+  from geotoken_jax import checkpoint, trainer  # pylint: disable=g-import-not-at-top
 
   try:
     result = trainer.train_and_evaluate(cl.CONFIG.value, cl.WORKDIR.value)
   except trainer.NonFiniteTrainingError as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     return 1
-  except ValueError as e:  # config checks, refused resumes: before anything trained
+  except (ValueError, checkpoint.CheckpointRestoreError) as e:  # config checks, refused resumes
     print(f"error: {e}", file=sys.stderr, flush=True)
     if cl.FLAGS.verbosity > 0:
       import traceback  # pylint: disable=g-import-not-at-top

@@ -338,3 +338,23 @@ def test_evaluate_a_labelled_folder_like_the_split(workdir, tmp_path, capsys):
   row = json.load(open(tmp_path / "bad" / "results.json"))["results"]["greedy"]
   assert (row["images"], row["skipped"]) == (24, 2)
   assert row["acc@2500km"] == split["greedy"]["acc@2500km"]
+
+
+def test_predictor_program_does_not_grow_with_the_trie(workdir):
+  """The evaluation path passes tries as arguments: a trie 100x larger leaves the compiled
+  program's size unchanged (a trie baked in as a constant would add its bytes)."""
+  restored = inference.restore_model(str(workdir), devices=jax.devices()[:1])
+  spec = restored.spec
+  wanted = decoding.strategies.parse_strategies("greedy:trie=1,beam:3:trie=1", spec)
+  lat, lon = data.load_coordinates()
+  sizes, texts = [], []
+  for n in (50, 20000):
+    tokens = s2.latlng_to_tokens(lat[:n], lon[:n], spec)
+    tries = inference.build_tries(restored.config, spec, wanted, training_tokens=tokens)
+    sizes.append(sum(t.children.size for t in tries.values()) * 4)
+    predictor = inference.Predictor(restored.graphdef, restored.params, restored.param_shardings, restored.mesh,
+                                    spec, wanted, tries=tries)
+    batch = {"image": np.zeros((2, 64, 64, 3), np.uint8), "index": np.arange(2, dtype=np.int32)}
+    texts.append(predictor.lower(sharding.make_global_batch(batch, restored.mesh)).compile().as_text())
+  assert sizes[1] > 100 * sizes[0] and sizes[1] > 1_000_000
+  assert abs(len(texts[1]) - len(texts[0])) < 2048
