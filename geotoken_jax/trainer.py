@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import logging
 import signal
 import threading
 from collections.abc import Callable

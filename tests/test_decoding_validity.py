@@ -316,7 +316,7 @@ def test_top_candidates_ignore_invalid_entries():
     listed = index[b][index[b] >= 0]
     assert valid[b, listed].all()
     # Distinct valid sequences, float64 brute force.
-    seen, probs = {}, []
+    seen = {}
     for i in keep:
       seen.setdefault(tuple(tokens[b, i]), log_probs[b, i])
     p = np.exp(np.asarray(list(seen.values()), np.float64))

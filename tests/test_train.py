@@ -11,7 +11,6 @@ import time
 import jax
 import numpy as np
 import pytest
-from flax import nnx
 
 from geotoken_jax import checkpoint, optim, s2, sharding, trainer
 from geotoken_jax.bench.train_bench import random_batch

@@ -13,7 +13,7 @@ from fsspec.implementations.memory import MemoryFileSystem
 from geotoken_jax import checkpoint, command_line, data, sharding, train, trainer
 from geotoken_jax.bench.train_bench import random_batch
 
-from test_train import REPO, _assert_trees_close, _final_params, _step_config, _train_losses, earth_config
+from test_train import REPO, _assert_trees_close, _final_params, _step_config, earth_config
 
 
 class _PoisonedTokens:
