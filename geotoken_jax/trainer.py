@@ -130,9 +130,7 @@ def create_train_state(config: ml_collections.ConfigDict, spec: s2.TokenSpec, me
                        total_steps: int, steps_per_epoch: int) -> tuple[TrainSetup, dict]:
   """Initializes parameters and optimizer state directly in their shardings."""
   build = functools.partial(models.build_model, config.model, spec)
-  abstract_model = nnx.eval_shape(lambda: build(rngs=nnx.Rngs(config.seed)))
-  graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
-  param_shardings = sharding.state_shardings(abstract_params, mesh, config.sharding_rules)
+  graphdef, _, param_shardings = inference.abstract_params(config, spec, mesh)  # what evaluation restores
   optimizer, schedule = optim.make_optimizer(config.optim, total_steps, steps_per_epoch)
 
   def init():
