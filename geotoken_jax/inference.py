@@ -54,6 +54,14 @@ EVALUATE_DEFAULTS = ml_collections.ConfigDict({
     "num_candidates": 5,
     "seed": 0,  # sampling keys: fold_in(key(seed), image index)
     "plot_max_points": 2000,
+    # An alignment model's workdir, for gallery:K and the similarity / fused rules of a
+    # GeoToken model ("" = none; an alignment model's own evaluation uses itself).
+    "alignment_workdir": "",
+    # gallery:K's locations: "train" (the training split's cells), "mp16_100k" (GeoCLIP's
+    # 100K MP16 coordinates) or a CSV path with latitude / longitude columns.
+    "gallery": "train",
+    "gallery_limit": 0,  # > 0: an evenly spaced subset of this many gallery locations
+    "fused_weight": 1.0,  # fused = log-probability + w * the alignment model's similarity logit
 })
 
 
@@ -113,6 +121,7 @@ class RestoredModel:
   param_shardings: Any
   mesh: jax.sharding.Mesh
   step: int
+  workdir: str = ""
 
 
 def abstract_params(config, spec: s2.TokenSpec, mesh) -> tuple[nnx.GraphDef, Any, Any]:
@@ -137,7 +146,27 @@ def restore_model(workdir, *, config: ml_collections.ConfigDict | None = None, s
   mesh = mesh if mesh is not None else sharding.create_mesh(config.mesh, devices)
   graphdef, target, shardings = abstract_params(config, spec, mesh)
   params, step = checkpoint.restore_params(checkpoint_dir(workdir), target, step)
-  return RestoredModel(config, spec, graphdef, params, shardings, mesh, step)
+  return RestoredModel(config, spec, graphdef, params, shardings, mesh, step, str(workdir))
+
+
+def restore_aligner(config, mesh, strategies_wanted: Sequence[Strategy], alignment_workdir: str | None = None
+                    ) -> RestoredModel | None:
+  """The alignment model a GeoToken model's strategies need (gallery:K, similarity, fused),
+  from alignment_workdir (default evaluate.alignment_workdir) on the same mesh; None when
+  no strategy needs one or the model is itself an alignment model."""
+  if models.align.is_alignment(config.model) or not any(strategies.needs_alignment(s) for s in strategies_wanted):
+    return None
+  workdir = alignment_workdir or str(evaluate_config(config).alignment_workdir)
+  if not workdir:
+    names = [s.name for s in strategies_wanted if strategies.needs_alignment(s)]
+    raise ValueError(f"{', '.join(names)} need an alignment model: pass --alignment_workdir (or set "
+                     "evaluate.alignment_workdir) to a workdir trained with an alignment config, e.g. "
+                     "configs/earth.py:align")
+  aligner = restore_model(workdir, mesh=mesh)
+  if not models.align.is_alignment(aligner.config.model):
+    raise ValueError(f"{workdir} holds a {aligner.config.model.get('architecture', 'geotoken')} model, not an "
+                     "alignment model")
+  return aligner
 
 
 # ---------------------------------------------------------------------------
@@ -163,6 +192,126 @@ def build_tries(config, spec: s2.TokenSpec, wanted: Sequence[Strategy], cache_di
       tries[key] = decoding.cached_cell_trie(tokens, spec, min_count=s.trie_min_count,
                                              num_constrained=s.trie_positions(spec), cache_dir=cache_dir)
   return tries
+
+
+# ---------------------------------------------------------------------------
+# Galleries of locations (alignment models).
+
+
+@dataclasses.dataclass
+class Gallery:
+  """Locations an alignment model ranks for gallery:K, with their S2 tokens and the
+  model's normalized location embeddings (computed once per checkpoint, cached)."""
+  name: str
+  latlng: np.ndarray  # [G, 2] float32 degrees
+  tokens: np.ndarray  # [G, P] int32
+  features: np.ndarray | None = None  # [G, E] float32, unit norm
+
+  def arrays(self) -> dict[str, np.ndarray]:
+    if self.features is None:
+      raise ValueError(f"gallery {self.name!r} has no location features yet (location_features)")
+    return {"latlng": self.latlng, "tokens": self.tokens, "features": self.features}
+
+
+def _csv_coordinates(path) -> np.ndarray:
+  import csv  # pylint: disable=g-import-not-at-top
+
+  lines = epath.Path(path).read_text().splitlines()
+  reader = csv.DictReader(lines)
+  names = {n.lower().strip(): n for n in reader.fieldnames or ()}
+  lat = next((names[n] for n in ("lat", "latitude", "gps_lat") if n in names), None)
+  lon = next((names[n] for n in ("lon", "lng", "longitude", "gps_lon", "gps_lng") if n in names), None)
+  if lat is None or lon is None:
+    raise ValueError(f"gallery CSV {path}: no latitude / longitude columns among {reader.fieldnames}")
+  rows, bad = [], 0
+  for row in reader:
+    try:
+      point = (float(row[lat]), float(row[lon]))
+    except (TypeError, ValueError):
+      bad += 1
+      continue
+    if np.isfinite(point).all() and abs(point[0]) <= 90 and abs(point[1]) <= 180:
+      rows.append(point)
+    else:
+      bad += 1
+  if bad:
+    logging.warning("gallery CSV %s: %d rows without valid coordinates skipped", path, bad)
+  if not rows:
+    raise ValueError(f"gallery CSV {path} has no valid coordinates")
+  return np.asarray(rows, np.float32)
+
+
+def load_gallery(config, spec: s2.TokenSpec, name: str | None = None) -> Gallery:
+  """The gallery named by `name` (default evaluate.gallery): "train" (the cell centres of
+  the training split's tokens: no image read, no test location in it), "mp16_100k", or a
+  CSV path."""
+  eval_config = evaluate_config(config)
+  name = name or str(eval_config.gallery)
+  gallery = _load_gallery(config, spec, name)
+  limit = int(eval_config.gallery_limit)
+  if 0 < limit < len(gallery.latlng):
+    keep = np.linspace(0, len(gallery.latlng) - 1, limit).round().astype(np.int64)
+    gallery = Gallery(f"{name}[{limit}]", gallery.latlng[keep], gallery.tokens[keep])
+  return gallery
+
+
+def _load_gallery(config, spec: s2.TokenSpec, name: str) -> Gallery:
+  if name == "train":
+    tokens = data.training_tokens(config.data, spec)
+    return Gallery(name, s2.tokens_to_latlng(tokens, spec).astype(np.float32), tokens)
+  if name == "mp16_100k":
+    from geotoken_jax import package_data  # pylint: disable=g-import-not-at-top
+
+    path = package_data.package_file("geoclip", "geoclip/model/gps_gallery/coordinates_100K.csv",
+                                     install="pip install --no-deps geoclip", needed_for="the mp16_100k gallery")
+    latlng = _csv_coordinates(path)
+  else:
+    latlng = _csv_coordinates(name)
+  tokens = s2.latlng_to_tokens(latlng[:, 0].astype(np.float64), latlng[:, 1].astype(np.float64), spec)
+  return Gallery(name, latlng, np.asarray(tokens, np.int32))
+
+
+def location_features(graphdef: nnx.GraphDef, params, mesh, latlng: np.ndarray, *, chunk: int = 8192
+                      ) -> np.ndarray:
+  """An alignment model's unit-norm location embeddings of [G, 2] coordinates: [G, E] float32,
+  in chunks sharded over the mesh's batch axes."""
+  divisor = sharding.global_batch_size_divisor(mesh)
+  chunk = max(divisor, -(-chunk // divisor) * divisor)
+
+  @jax.jit
+  def embed(params, points):
+    return models.align.normalize(nnx.merge(graphdef, params).locate(points))
+
+  out = []
+  for start in range(0, len(latlng), chunk):
+    points = np.zeros((chunk, 2), np.float32)
+    part = latlng[start:start + chunk]
+    points[:len(part)] = part
+    placed = jax.device_put(points, sharding.batch_sharding(mesh))
+    out.append(np.asarray(_gather(embed(params, placed)))[:len(part)])
+  return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def gallery_with_features(gallery: Gallery, aligner: "RestoredModel", cache_dir=None, identity: str = ""
+                          ) -> Gallery:
+  """The gallery with the aligner's location features, read from / written to cache_dir
+  (keyed by the coordinates and the checkpoint's identity)."""
+  import hashlib  # pylint: disable=g-import-not-at-top
+
+  key = hashlib.sha256(gallery.latlng.tobytes() + f"{identity}|{aligner.step}".encode()).hexdigest()[:16]
+  path = epath.Path(cache_dir) / f"gallery-{key}.npy" if cache_dir else None
+  if path is not None and path.exists():
+    with path.open("rb") as f:
+      features = np.load(f)
+  else:
+    features = location_features(aligner.graphdef, aligner.params, aligner.mesh, gallery.latlng)
+    if path is not None and jax.process_index() == 0:
+      path.parent.mkdir(parents=True, exist_ok=True)
+      tmp = path.parent / (path.name + ".tmp")
+      with tmp.open("wb") as f:
+        np.save(f, features)
+      tmp.rename(path)
+  return dataclasses.replace(gallery, features=features)
 
 
 # ---------------------------------------------------------------------------
@@ -193,36 +342,73 @@ class Predictor:
   and per-position token hits of the batch's own tokens come out too (validation).
   Output per strategy name: predicted [B, 2], chosen [B], candidate_tokens [B, k, P],
   candidate_latlng [B, k, 2], candidate_prob [B, k] (0 for empty slots).
+
+  Alignment models: when the model itself is one (`is_aligner`), its strategies are
+  gallery:K over `gallery`; a GeoToken model with an `aligner` (a restored alignment
+  model) also gets gallery:K and the similarity / fused rules, the candidates'
+  locations embedded by the aligner inside the same program.
   """
 
   def __init__(self, graphdef: nnx.GraphDef, params: Any, param_shardings: Any, mesh, spec: s2.TokenSpec,
                wanted: Sequence[Strategy], *, num_candidates: int = 5, seed: int = 0,
-               tries: Mapping[str, decoding.CellTrie] | None = None, loss_weights=None):
+               tries: Mapping[str, decoding.CellTrie] | None = None, loss_weights=None,
+               is_aligner: bool = False, aligner: "RestoredModel | None" = None, gallery: Gallery | None = None,
+               fused_weight: float = 1.0):
     self.mesh, self.spec = mesh, spec
     self.params = params
     self.strategies = list(wanted)
     self.groups = group_strategies(self.strategies)
     self.tries = dict(tries or {})
+    self.aligner = aligner
+    self.gallery = gallery
     missing = {trie_key(s, spec) for s in self.strategies if s.trie_min_count} - set(self.tries)
     if missing:
       raise ValueError(f"no trie given for {sorted(missing)}")
+    aligned = [s.name for s in self.strategies if strategies.needs_alignment(s)]
+    if aligned and not is_aligner and aligner is None:
+      raise ValueError(f"{', '.join(aligned)} need an alignment model: set evaluate.alignment_workdir "
+                       "(--alignment_workdir) to a workdir trained with an alignment config")
+    if is_aligner and any(s.kind != "gallery" for s in self.strategies):
+      raise ValueError("an alignment model predicts with gallery:K strategies only, got "
+                       f"{[s.name for s in self.strategies if s.kind != 'gallery']}")
+    if any(s.kind == "gallery" for s in self.strategies) and gallery is None:
+      raise ValueError("gallery:K needs a gallery (evaluate.gallery)")
     with_loss = loss_weights is not None
     weights = None if loss_weights is None else jnp.asarray(loss_weights, jnp.float32)
-    groups, k = self.groups, int(num_candidates)
+    groups, k, fused_weight = self.groups, int(num_candidates), float(fused_weight)
+    needs_query = bool(aligned)
 
-    def predict(params, batch, tries):
+    def predict(params, batch, tries, aligner_params, gallery_arrays):
       model = nnx.merge(graphdef, params)
-      memory = model.encode(batch, deterministic=True)  # once per image, for every strategy
+      align_model = model if is_aligner else (
+          nnx.merge(aligner.graphdef, aligner_params) if aligner is not None else None)
       out = {}
-      if with_loss:
-        logits = model.decode(memory, batch["tokens"], deterministic=True)
-        out["loss"], out["token_hits"] = models.per_row_losses(logits, batch["tokens"], weights)
-      keys = strategies.image_keys(seed, batch["index"])
+      query = align_model.embed(batch)["loc_head"] if needs_query or (is_aligner and with_loss) else None
+      scale = align_model.logit_scale() if align_model is not None else None
+      if is_aligner:
+        if with_loss:  # image -> location InfoNCE of each row against the batch's locations
+          cos = align_model.similarity(query, align_model.locate(batch["latlng"].astype(jnp.float32)))
+          logits = scale * jnp.where(batch["mask"][None, :], cos, -jnp.inf) if "mask" in batch else scale * cos
+          out["loss"] = jax.nn.logsumexp(logits, axis=1) - jnp.diagonal(logits)
+      else:
+        memory = model.encode(batch, deterministic=True)  # once per image, for every strategy
+        if with_loss:
+          logits = model.decode(memory, batch["tokens"], deterministic=True)
+          out["loss"], out["token_hits"] = models.per_row_losses(logits, batch["tokens"], weights)
+        keys = strategies.image_keys(seed, batch["index"])
       for group in groups:
-        trie = tries.get(trie_key(group.pool, spec)) if group.pool.trie_min_count else None
-        pool = strategies.decode_pool(model, memory, group.pool, keys, trie)
+        if group.pool.kind == "gallery":
+          pool = gallery_pool(query, scale, gallery_arrays, group.pool.num_samples)
+        else:
+          trie = tries.get(trie_key(group.pool, spec)) if group.pool.trie_min_count else None
+          pool = strategies.decode_pool(model, memory, group.pool, keys, trie)
+          if any(strategies.needs_alignment(m) for m in group.members):
+            batch_size, n = pool["latlng"].shape[:2]
+            located = align_model.locate(pool["latlng"].reshape(batch_size * n, 2)).reshape(batch_size, n, -1)
+            pool["similarity"] = scale * jnp.einsum("be,bne->bn", models.align.normalize(query),
+                                                    models.align.normalize(located))  # [batch, N]
         for member in group.members:
-          chosen = strategies.choose(pool, member.rule, k)
+          chosen = strategies.choose(pool, member.rule, k, fused_weight)
           index = jnp.maximum(chosen["candidates"], 0)  # [batch, k]; -1 slots have probability 0
           out[member.name] = {
               "predicted": chosen["predicted"],  # [batch, 2]
@@ -234,23 +420,74 @@ class Predictor:
       return out
 
     batch_sharding = sharding.batch_sharding(mesh)
-    trie_shardings = jax.tree.map(lambda _: sharding.replicated(mesh), self.tries)
-    self._fn = jax.jit(predict, in_shardings=(param_shardings, batch_sharding, trie_shardings),
+    replicated = sharding.replicated(mesh)
+    trie_shardings = jax.tree.map(lambda _: replicated, self.tries)
+    aligner_shardings = aligner.param_shardings if aligner is not None else None
+    self._gallery_arrays = None
+    gallery_shardings = None
+    if gallery is not None and gallery.features is not None:
+      self._gallery_arrays = gallery.arrays()
+      gallery_shardings = jax.tree.map(lambda _: replicated, self._gallery_arrays)
+    self._fn = jax.jit(predict, in_shardings=(param_shardings, batch_sharding, trie_shardings,
+                                              aligner_shardings, gallery_shardings),
                        out_shardings=batch_sharding)
+    self._graphdef, self._is_aligner = graphdef, is_aligner
 
   @classmethod
-  def from_restored(cls, restored: RestoredModel, wanted: Sequence[Strategy], *, num_candidates: int = 5,
-                    seed: int = 0, cache_dir=None) -> "Predictor":
-    tries = build_tries(restored.config, restored.spec, wanted, cache_dir=cache_dir)
+  def from_restored(cls, restored: "RestoredModel", wanted: Sequence[Strategy], *, num_candidates: int = 5,
+                    seed: int = 0, cache_dir=None, aligner: "RestoredModel | None" = None,
+                    gallery: str | None = None, fused_weight: float | None = None) -> "Predictor":
+    """A predictor for a restored model; an alignment model (restored or `aligner`) gets its
+    gallery (evaluate.gallery, or `gallery`) embedded once and cached in cache_dir."""
+    config = restored.config
+    is_aligner = models.align.is_alignment(config.model)
+    tries = build_tries(config, restored.spec, wanted, cache_dir=cache_dir)
+    gallery_data = None
+    if any(s.kind == "gallery" for s in wanted):
+      gallery_data = load_gallery(config, restored.spec, gallery)
+      gallery_data = gallery_with_features(gallery_data, restored if is_aligner else aligner, cache_dir,
+                                           identity=str(getattr(aligner or restored, "workdir", "")))
+    weight = float(evaluate_config(config).fused_weight if fused_weight is None else fused_weight)
     return cls(restored.graphdef, restored.params, restored.param_shardings, restored.mesh, restored.spec,
-               wanted, num_candidates=num_candidates, seed=seed, tries=tries)
+               wanted, num_candidates=num_candidates, seed=seed, tries=tries, is_aligner=is_aligner,
+               aligner=aligner, gallery=gallery_data, fused_weight=weight)
+
+  def refresh_gallery(self, params) -> None:
+    """Re-embeds the gallery with `params` (an alignment model's own validation while it trains)."""
+    if self.gallery is None:
+      return
+    source = self.aligner if self.aligner is not None else None
+    graphdef, current = (source.graphdef, source.params) if source is not None else (self._graphdef, params)
+    self.gallery = dataclasses.replace(self.gallery, features=location_features(graphdef, current, self.mesh,
+                                                                                self.gallery.latlng))
+    self._gallery_arrays = self.gallery.arrays()
+
+  def _args(self, device_batch, params):
+    aligner_params = self.aligner.params if self.aligner is not None else None
+    if any(s.kind == "gallery" for s in self.strategies) and self._gallery_arrays is None:
+      raise ValueError("the gallery has no location features: call refresh_gallery(params) first")
+    return (self.params if params is None else params, dict(device_batch), self.tries, aligner_params,
+            self._gallery_arrays)
 
   def __call__(self, device_batch: Mapping[str, jax.Array], params=None) -> dict:
-    return self._fn(self.params if params is None else params, dict(device_batch), self.tries)
+    return self._fn(*self._args(device_batch, params))
 
   def lower(self, device_batch, params=None):
     """The jitted function lowered for a batch (for inspecting the compiled program)."""
-    return self._fn.lower(self.params if params is None else params, dict(device_batch), self.tries)
+    return self._fn.lower(*self._args(device_batch, params))
+
+
+def gallery_pool(query: jax.Array, scale: jax.Array, gallery: Mapping[str, jax.Array], k: int
+                 ) -> dict[str, jax.Array]:
+  """The k gallery locations most similar to each image (GeoCLIP's inference) as a pool:
+  tokens [B, k, P], log_prob [B, k] (log-softmax of the scaled cosine over the WHOLE
+  gallery), latlng [B, k, 2], valid, similarity [B, k] (the scaled cosine)."""
+  logits = scale * jnp.einsum("be,ge->bg", models.align.normalize(query), gallery["features"])  # [batch, G]
+  k = min(int(k), logits.shape[1])
+  top, index = jax.lax.top_k(logits, k)  # [batch, k]
+  log_prob = top - jax.nn.logsumexp(logits, axis=1, keepdims=True)
+  return {"tokens": gallery["tokens"][index], "log_prob": log_prob, "latlng": gallery["latlng"][index],
+          "valid": jnp.ones(index.shape, jnp.bool_), "similarity": top}
 
 
 def _gather(tree):
@@ -308,7 +545,8 @@ def validation_metrics(predictor: Predictor, source, *, global_batch_size: int, 
                                           params=params, text_fields=()):
     mask = gathered["mask"].astype(bool)
     loss_sum += float(out["loss"][mask].astype(np.float64).sum())
-    hits_sum = hits_sum + out["token_hits"][mask].sum(axis=0)
+    if "token_hits" in out:  # a decoder's; an alignment model has none
+      hits_sum = hits_sum + out["token_hits"][mask].sum(axis=0)
     distances.append(metrics.haversine_km(gathered["latlng"][mask].astype(np.float64),
                                           out[strategy_name]["predicted"][mask].astype(np.float64)))
     count += int(mask.sum())
@@ -316,7 +554,8 @@ def validation_metrics(predictor: Predictor, source, *, global_batch_size: int, 
     raise ValueError(f"validation saw no examples in {source!r}")
   result = metrics.accuracy_table(np.concatenate(distances))
   result["loss"] = loss_sum / count
-  result["token_accuracy"] = (np.asarray(hits_sum) / count).tolist()
+  if np.ndim(hits_sum):
+    result["token_accuracy"] = (np.asarray(hits_sum) / count).tolist()
   return result
 
 
@@ -442,7 +681,7 @@ def check_evaluation(config, mesh, strategy_text: str | None = None) -> list[Str
 def run_evaluation(config: ml_collections.ConfigDict | None, workdir, *, strategy_text: str | None = None,
                    split: str | None = None, source=None, split_label: str | None = None,
                    step: int | None = None, output_dir=None, limit: int = 0, make_plots: bool = True,
-                   devices=None) -> dict:
+                   devices=None, alignment_workdir: str | None = None) -> dict:
   """Evaluates every strategy on a split of the config's data (or on `source`, named
   `split_label`); returns {"step", "split", "output_dir", "results": {name: row}, "timings"}.
 
@@ -474,7 +713,8 @@ def run_evaluation(config: ml_collections.ConfigDict | None, workdir, *, strateg
     (output_dir / "predictions").mkdir(parents=True, exist_ok=True)
     (output_dir / "run.json").write_text(json.dumps(
         {"checkpoint_step": step, "split": split, "records": num_records, "limit": limit,
-         "strategies": [s.name for s in wanted], "evaluate": eval_config.to_dict()}, indent=1))
+         "strategies": [s.name for s in wanted], "evaluate": eval_config.to_dict(),
+         "alignment_workdir": alignment_workdir or str(eval_config.alignment_workdir)}, indent=1))
 
   # Resume: every strategy restarts at the first batch that the shortest file
   # does not hold in full (rows past it are cut off).
@@ -494,9 +734,10 @@ def run_evaluation(config: ml_collections.ConfigDict | None, workdir, *, strateg
   first_batch = num_batches if done == num_records else done // global_batch
   timings = {}
   if first_batch < num_batches:
+    aligner = restore_aligner(config, mesh, wanted, alignment_workdir)
     predictor = Predictor.from_restored(restored, wanted, num_candidates=int(eval_config.num_candidates),
                                         seed=int(eval_config.seed),
-                                        cache_dir=epath.Path(workdir) / "cache" / "tries")
+                                        cache_dir=epath.Path(workdir) / "cache" / "tries", aligner=aligner)
     bar = _progress(num_batches, f"{len(wanted)} strategies", first_batch)
     files = {name: p.open("a") for name, p in paths.items()} if process_index == 0 else {}
     start, images = time.perf_counter(), 0
@@ -603,6 +844,15 @@ class FilePrediction:
   error: str | None = None
 
 
+def image_size(model_config) -> int:
+  """The side of the square images the model reads."""
+  if models.align.is_alignment(model_config):
+    tower = model_config.image_tower
+  else:
+    tower = model_config.encoder
+  return int(model_config.clip.image_size if tower == "clip" else model_config.vit.image_size)
+
+
 def load_image_file(path: str, size: int) -> np.ndarray:
   """The evaluation view of an image file: uint8 [size, size, 3] (shorter side
   resized to `size`, centre crop; exactly what evaluation of prepared data does)."""
@@ -613,20 +863,22 @@ def load_image_file(path: str, size: int) -> np.ndarray:
 
 
 def predict_files(restored: RestoredModel, paths: Sequence[str], *, strategy_text: str = "beam:5",
-                  top_k: int = 5, batch_size: int = 32, seed: int = 0, cache_dir=None
-                  ) -> Iterator[FilePrediction]:
+                  top_k: int = 5, batch_size: int = 32, seed: int = 0, cache_dir=None,
+                  alignment_workdir: str | None = None) -> Iterator[FilePrediction]:
   """Top-k candidate cells of every file, in order, streamed batch by batch.
 
   A file that cannot be read is yielded with its error (and no candidates); the
   others are predicted.  Only this process's devices are used.
   """
   config, spec = restored.config, restored.spec
-  if config.model.encoder != "vit":
+  if not models.align.is_alignment(config.model) and config.model.encoder == "features":
     raise ValueError(f"this model's encoder is {config.model.encoder!r}: predicting from image files "
-                     "needs a ViT model (the feature encoder needs features and retrieved neighbours)")
+                     "needs an image encoder (the feature encoder needs features and retrieved neighbours)")
   strategy = strategies.parse_strategy(strategy_text).check(spec)
-  predictor = Predictor.from_restored(restored, [strategy], num_candidates=top_k, seed=seed, cache_dir=cache_dir)
-  size = int(config.model.vit.image_size)
+  aligner = restore_aligner(config, restored.mesh, [strategy], alignment_workdir)
+  predictor = Predictor.from_restored(restored, [strategy], num_candidates=top_k, seed=seed, cache_dir=cache_dir,
+                                      aligner=aligner)
+  size = image_size(config.model)
   divisor = sharding.global_batch_size_divisor(restored.mesh)
   batch_size = max(divisor, -(-int(batch_size) // divisor) * divisor)
   for start in range(0, len(paths), batch_size):

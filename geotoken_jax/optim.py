@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import jax
 import ml_collections
 import optax
 
@@ -26,13 +29,28 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, total_steps: int,
   raise ValueError(f"unknown schedule {name!r}: use warmup_cosine, step_decay or constant")
 
 
-def make_optimizer(config: ml_collections.ConfigDict, total_steps: int,
-                   steps_per_epoch: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """AdamW with optional global-norm clipping."""
+def parameter_path(key_path) -> tuple:
+  """A jax tree key path of an nnx.State leaf -> the parameter's path, e.g. ('location',
+  'capsules', 0, 'fourier_matrix') (the Variable's trailing 'value' dropped)."""
+  path = tuple(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))) for k in key_path)
+  return path[:-1] if path and path[-1] == "value" else path
+
+
+def make_optimizer(config: ml_collections.ConfigDict, total_steps: int, steps_per_epoch: int,
+                   is_frozen: Callable[[tuple], bool] | None = None
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """AdamW with optional global-norm clipping.  Parameters for which is_frozen(path) is
+  True get no update and no optimizer state (optax.set_to_zero); the gradient clipping
+  sees only the trained ones."""
   schedule = learning_rate_schedule(config, total_steps, steps_per_epoch)
   parts = []
   if config.grad_clip_norm:
     parts.append(optax.clip_by_global_norm(config.grad_clip_norm))
   parts.append(optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps,
                            weight_decay=config.weight_decay))
-  return optax.chain(*parts), schedule
+  optimizer = optax.chain(*parts)
+  if is_frozen is not None:
+    labels = lambda params: jax.tree_util.tree_map_with_path(  # noqa: E731
+        lambda path, _: "frozen" if is_frozen(parameter_path(path)) else "trained", params)
+    optimizer = optax.multi_transform({"trained": optimizer, "frozen": optax.set_to_zero()}, labels)
+  return optimizer, schedule

@@ -131,14 +131,18 @@ def create_train_state(config: ml_collections.ConfigDict, spec: s2.TokenSpec, me
   """Initializes parameters and optimizer state directly in their shardings."""
   build = functools.partial(models.build_model, config.model, spec)
   graphdef, _, param_shardings = inference.abstract_params(config, spec, mesh)  # what evaluation restores
-  optimizer, schedule = optim.make_optimizer(config.optim, total_steps, steps_per_epoch)
+  optimizer, schedule = optim.make_optimizer(config.optim, total_steps, steps_per_epoch,
+                                             is_frozen=lambda path: is_frozen(config, path))
 
   def init():
     params = nnx.state(build(rngs=nnx.Rngs(config.seed)), nnx.Param)
     params = jax.lax.with_sharding_constraint(params, param_shardings)
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params),
-            # Steps skipped for a non-finite loss or gradient: in a row, and in all.
-            "nonfinite": {"consecutive": jnp.zeros((), jnp.int32), "total": jnp.zeros((), jnp.int32)}}
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params),
+             # Steps skipped for a non-finite loss or gradient: in a row, and in all.
+             "nonfinite": {"consecutive": jnp.zeros((), jnp.int32), "total": jnp.zeros((), jnp.int32)}}
+    if models.align.is_alignment(config.model):
+      state["queue"] = models.align.init_queue(int(config.model.queue_size))  # past GPS, extra negatives
+    return state
 
   # XLA propagates the parameters' shardings into the optimizer state (Adam's
   # moments mirror the parameters); the steps then pin what it chose.
@@ -146,6 +150,41 @@ def create_train_state(config: ml_collections.ConfigDict, spec: s2.TokenSpec, me
   state_shardings = jax.tree.map(lambda x: x.sharding, state)
   state_shardings["params"] = param_shardings
   return TrainSetup(graphdef, optimizer, schedule, state_shardings, spec), state
+
+
+def is_frozen(config: ml_collections.ConfigDict, path: tuple) -> bool:
+  """A parameter the optimizer leaves alone (and the step does not differentiate)."""
+  return models.frozen(path, config.model, tuple(config.optim.get("frozen", ())))
+
+
+def load_pretrained(state: dict, config: ml_collections.ConfigDict) -> dict:
+  """Places the pretrained weights the model config names (CLIP tower, GeoCLIP location
+  encoder, ...) into the freshly initialized, sharded parameters; every loaded array must
+  match a parameter's path and shape."""
+  leaves = models.pretrained_leaves(config.model)
+  if not leaves:
+    return state
+  used = set()
+
+  def place(key_path, value):
+    path = optim.parameter_path(key_path)
+    if path not in leaves:
+      return value
+    array = np.asarray(leaves[path], np.float32)
+    if array.shape != value.shape:
+      raise ValueError(f"pretrained weight {'/'.join(map(str, path))} has shape {array.shape}, the model's "
+                       f"parameter {value.shape}")
+    used.add(path)
+    return jax.device_put(array, value.sharding)
+
+  state = dict(state, params=jax.tree_util.tree_map_with_path(place, state["params"]))
+  unused = sorted("/".join(map(str, p)) for p in set(leaves) - used)
+  if unused:
+    raise ValueError(f"pretrained weights with no parameter of that path in the model: {unused[:10]}")
+  if jax.process_index() == 0:
+    print(f"loaded {len(used)} pretrained arrays ({sum(np.size(leaves[p]) for p in used) / 1e6:.2f} M values)",
+          flush=True)
+  return state
 
 
 def _position_weights(config: ml_collections.ConfigDict, spec: s2.TokenSpec) -> jax.Array:
@@ -162,9 +201,15 @@ def make_train_step(setup: TrainSetup, config: ml_collections.ConfigDict, mesh) 
   weights = _position_weights(config, setup.spec)
   accum = int(config.optim.grad_accum_steps)
   base_key = jax.random.key(config.seed)
+  alignment = models.align.is_alignment(config.model)
 
-  def loss_fn(params, micro, key):
+  def loss_fn(params, micro, key, queue):
+    # Frozen parameters get no gradient, so XLA drops the backward pass through them.
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, x: jax.lax.stop_gradient(x) if is_frozen(config, optim.parameter_path(path)) else x, params)
     model = nnx.merge(setup.graphdef, params)
+    if alignment:
+      return models.align.contrastive_loss(model, micro, queue)
     # The model picks its inputs from the batch (image, or features + neighbours).
     logits = model(micro, micro["tokens"], deterministic=False,
                    rngs=nnx.Rngs(dropout=key))  # [batch, positions, vocab]
@@ -175,19 +220,20 @@ def make_train_step(setup: TrainSetup, config: ml_collections.ConfigDict, mesh) 
     # The dropout key depends only on the step: identical on any mesh and after a resume.
     key = jax.random.fold_in(base_key, state["step"])
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    queue = state.get("queue")
     if accum == 1:
-      (loss, aux), grads = grad_fn(state["params"], batch, key)
+      (loss, aux), grads = grad_fn(state["params"], batch, key, queue)
     else:
       # Microbatches cut from each device's own rows (no all-gather of the batch).
       micro = sharding.split_microbatches(batch, accum, mesh)  # leaves [accum, batch / accum, ...]
 
       def accumulate(carry, inputs):
         index, microbatch = inputs
-        (loss, aux), grads = grad_fn(state["params"], microbatch, jax.random.fold_in(key, index))
+        (loss, aux), grads = grad_fn(state["params"], microbatch, jax.random.fold_in(key, index), queue)
         return jax.tree.map(jnp.add, carry, (loss, aux, grads)), None
 
       zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
-          lambda: grad_fn(state["params"], jax.tree.map(lambda x: x[0], micro), key)))
+          lambda: grad_fn(state["params"], jax.tree.map(lambda x: x[0], micro), key, queue)))
       zeros = (zeros[0][0], zeros[0][1], zeros[1])
       (loss, aux, grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(accum), micro))
       loss, aux, grads = jax.tree.map(lambda x: x / accum, (loss, aux, grads))
@@ -201,6 +247,8 @@ def make_train_step(setup: TrainSetup, config: ml_collections.ConfigDict, mesh) 
                  "opt_state": keep(opt_state, state["opt_state"]),
                  "nonfinite": {"consecutive": consecutive,
                                "total": state["nonfinite"]["total"] + (~finite).astype(jnp.int32)}}
+    if queue is not None:  # this batch's GPS become negatives of the next steps
+      new_state["queue"] = keep(models.align.push_queue(queue, batch["latlng"], batch.get("mask")), queue)
     step_metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": setup.schedule(state["step"]),
                     "skipped": (~finite).astype(jnp.int32), "skipped_in_a_row": consecutive,
                     "skipped_total": new_state["nonfinite"]["total"], **aux}
@@ -305,6 +353,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
                                          save_every_steps=config.checkpoint_every_steps)
   if checkpointer.latest_step is not None:
     state, train_iter = _restore(checkpointer, state, setup, train_iter, config)
+  else:
+    state = load_pretrained(state, config)
   start_step = int(jax.device_get(state["step"]))
   n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
   if process_index == 0:
@@ -313,12 +363,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
 
   metadata = run_metadata(config, spec)
   train_step = make_train_step(setup, config, mesh)
+  alignment = models.align.is_alignment(config.model)
+  wanted = strategies.parse_strategies(validation_strategy(config), spec)
   predictor = inference.Predictor(
-      setup.graphdef, None, setup.state_shardings["params"], mesh, spec,
-      strategies.parse_strategies(validation_strategy(config), spec),
-      loss_weights=_position_weights(config, spec))
+      setup.graphdef, None, setup.state_shardings["params"], mesh, spec, wanted,
+      loss_weights=_position_weights(config, spec), is_aligner=alignment,
+      gallery=inference.load_gallery(config, spec) if any(s.kind == "gallery" for s in wanted) else None)
 
-  def run_eval(split: str, params) -> dict:
+  def run_eval(split: str, params, refresh: bool = True) -> dict:
+    if refresh:  # an alignment model's gallery, embedded with these parameters
+      predictor.refresh_gallery(params)
     source = data.get_source(config.data, split, spec)
     return inference.validation_metrics(predictor, source, global_batch_size=config.eval_batch_size,
                                         strategy_name=validation_strategy(config), params=params)
@@ -363,11 +417,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
 
   checkpointer.close()
   results = {"step": step, "validation": run_eval("validation", state["params"]),
-             "test": run_eval(config.test_split, state["params"])}
+             "test": run_eval(config.test_split, state["params"], refresh=False)}
   progress.log(step, "test", results["test"])
   progress.close()
   if process_index == 0:
-    table = metrics.format_table({f"GeoToken {validation_strategy(config)} ({config.test_split})": results["test"]})
+    model_name = "GeoAlign" if alignment else "GeoToken"
+    table = metrics.format_table({f"{model_name} {validation_strategy(config)} ({config.test_split})": results["test"]})
     print(table, flush=True)
     (workdir / "results.json").write_text(json.dumps({**results, "table": table, "config": config.to_dict()},
                                                      indent=1, default=str))

@@ -20,7 +20,13 @@ Rules (`select(rule, ...)`):
            double-counted); the weighted sum of unit vectors, normalized.  Not a
            cell centre; index -1.  If the weighted vectors cancel (antipodal
            candidates) it falls back to `logprob`.
-Ties in logprob / medoid go to the earlier candidate.
+  similarity  the candidate whose location an alignment model finds most similar to
+           the image: cos(image loc-head, location head(location encoder(candidate)))
+           (G3's geo-verification).  Needs a score per candidate: `scores`.
+  fused    log-probability + w * similarity logit (the alignment model's scaled
+           cosine): the product of the decoder's and the alignment model's
+           probabilities, the second raised to w.  `scores` holds the fused score.
+Ties in logprob / medoid / similarity / fused go to the earlier candidate.
 
 Validity: every rule and top_candidates take an optional `valid` [batch, N]
 bool (default all True).  Invalid entries (beams that never became real
@@ -40,7 +46,9 @@ from flax import struct
 
 from geotoken_jax import metrics
 
-SELECTION_RULES = ("logprob", "vote", "medoid", "mean")
+SELECTION_RULES = ("logprob", "vote", "medoid", "mean", "similarity", "fused")
+# Rules that rank candidates by a score computed outside the pool (an alignment model).
+SCORE_RULES = ("similarity", "fused")
 
 
 @struct.dataclass
@@ -127,9 +135,14 @@ _RULES = {"logprob": select_logprob, "vote": select_vote, "medoid": select_medoi
 
 
 def select(rule: str, tokens: jax.Array, log_probs: jax.Array, latlng: jax.Array,
-           valid: jax.Array | None = None) -> Selection:
+           valid: jax.Array | None = None, scores: jax.Array | None = None) -> Selection:
   """tokens [batch, N, positions], log_probs [batch, N], latlng [batch, N, 2], valid [batch, N]
-  bool (None = all valid) -> Selection; invalid entries are ignored."""
+  bool (None = all valid) -> Selection; invalid entries are ignored.  The score rules
+  (similarity, fused) take the best of `scores` [batch, N]."""
+  if rule in SCORE_RULES:
+    if scores is None:
+      raise ValueError(f"selection rule {rule!r} needs a score per candidate from an alignment model")
+    return select_logprob(tokens, scores, latlng, valid)
   if rule not in _RULES:
     raise ValueError(f"unknown selection rule {rule!r}; choose from {', '.join(SELECTION_RULES)}")
   return _RULES[rule](tokens, log_probs, latlng, valid)

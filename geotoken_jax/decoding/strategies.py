@@ -8,6 +8,15 @@ A strategy string (comma-separate several for the evaluation job):
   sample:N:T[:RULE]            N samples per image at temperature T; RULE picks
                                one (logprob, vote, medoid, mean; default logprob)
 
+  gallery:K[:RULE]             an alignment model's inference (GeoCLIP): the K gallery
+                               locations most similar to the image; RULE picks one
+                               (default logprob = the most similar; the pool's
+                               log-probabilities are the softmax over the whole gallery)
+
+Rules: logprob, vote, medoid, mean, and with an alignment model similarity (the
+candidate most similar to the image) and fused (log-probability + w x similarity
+logit; w is evaluate.fused_weight).
+
 followed by optional key=value fields:
   top_k=K, top_p=P             sampling filters (sample only)
   temperature=T                beam scores use log-softmax(logits / T) (beam only)
@@ -42,10 +51,10 @@ from geotoken_jax.decoding.beam import beam_search, check_beam_size
 from geotoken_jax.decoding.constraints import CellTrie
 from geotoken_jax.decoding.greedy import greedy_decode
 from geotoken_jax.decoding.sampling import check_sampling, sample_sequences
-from geotoken_jax.decoding.selection import SELECTION_RULES, select, top_candidates
+from geotoken_jax.decoding.selection import SCORE_RULES, SELECTION_RULES, select, top_candidates
 from geotoken_jax.s2 import jax_ops
 
-KINDS = ("greedy", "beam", "sample")
+KINDS = ("greedy", "beam", "sample", "gallery")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +71,8 @@ class Strategy:
 
   @property
   def pool_size(self) -> int:
-    return {"greedy": 1, "beam": self.beam_size, "sample": self.num_samples}[self.kind]
+    return {"greedy": 1, "beam": self.beam_size, "sample": self.num_samples,
+            "gallery": self.num_samples}[self.kind]
 
   @property
   def pool_key(self) -> "Strategy":
@@ -74,6 +84,10 @@ class Strategy:
     """Canonical spec string (parse(name) == self)."""
     if self.kind == "greedy":
       parts = ["greedy"]
+    elif self.kind == "gallery":
+      parts = ["gallery", str(self.num_samples)]
+      if self.rule != "logprob":
+        parts.append(self.rule)
     elif self.kind == "beam":
       parts = ["beam", str(self.beam_size)]
       if self.rule != "logprob":
@@ -102,6 +116,11 @@ class Strategy:
       check_beam_size(self.beam_size, spec.vocab_sizes)
       if not self.temperature > 0:
         raise ValueError(f"{self.name}: beam temperature must be > 0")
+    if self.kind == "gallery":
+      if self.num_samples < 1:
+        raise ValueError(f"{self.name}: gallery needs K >= 1 candidates")
+      if self.trie_min_count or self.temperature != 1.0:
+        raise ValueError(f"{self.name}: a gallery strategy takes no trie or temperature")
     if self.kind == "sample":
       if self.num_samples < 1:
         raise ValueError(f"{self.name}: the number of samples must be >= 1")
@@ -119,7 +138,8 @@ class Strategy:
     return 1 + level // spec.group_size
 
 
-_POSITIONAL = {"greedy": (), "beam": ("beam_size", "rule"), "sample": ("num_samples", "temperature", "rule")}
+_POSITIONAL = {"greedy": (), "beam": ("beam_size", "rule"), "sample": ("num_samples", "temperature", "rule"),
+               "gallery": ("num_samples", "rule")}
 _KEYWORDS = {"top_k": int, "top_p": float, "temperature": float, "trie": int, "trie_level": int,
              "rule": str}
 _FIELD_TYPES = {"beam_size": int, "num_samples": int, "temperature": float, "rule": str}
@@ -150,6 +170,8 @@ def parse_strategy(text: str) -> Strategy:
     raise ValueError(f"bad strategy {text!r}: {e}") from None
   if kind == "sample" and "num_samples" not in fields:
     raise ValueError(f"bad strategy {text!r}: sample needs N, e.g. sample:30:0.7")
+  if kind == "gallery" and "num_samples" not in fields:
+    raise ValueError(f"bad strategy {text!r}: gallery needs K, e.g. gallery:5")
   if kind == "beam" and "beam_size" not in fields:
     raise ValueError(f"bad strategy {text!r}: beam needs a width, e.g. beam:5")
   if kind != "sample" and ("top_k" in fields or "top_p" in fields):
@@ -238,12 +260,33 @@ def decode_pool(model, memory: jax.Array, strategy: Strategy, keys: jax.Array,
           "valid": valid}
 
 
-def choose(pool: Mapping[str, jax.Array], rule: str, num_candidates: int) -> dict[str, jax.Array]:
+def needs_alignment(strategy: Strategy) -> bool:
+  """Does the strategy need an alignment model (a gallery, or a similarity-based rule)?"""
+  return strategy.kind == "gallery" or strategy.rule in SCORE_RULES
+
+
+def rule_scores(pool: Mapping[str, jax.Array], rule: str, fused_weight: float = 1.0) -> jax.Array | None:
+  """[B, N] scores of a score rule from the pool's "similarity" (the alignment model's
+  scaled cosine of each candidate); None for the other rules."""
+  if rule not in SCORE_RULES:
+    return None
+  if "similarity" not in pool:
+    raise ValueError(f"rule {rule!r} needs the pool's alignment similarities")
+  if rule == "similarity":
+    return pool["similarity"]
+  return pool["log_prob"] + fused_weight * pool["similarity"]
+
+
+def choose(pool: Mapping[str, jax.Array], rule: str, num_candidates: int, fused_weight: float = 1.0
+           ) -> dict[str, jax.Array]:
   """Applies a selection rule and the top-k candidates to a pool (its invalid entries, if it
   has a "valid" field, are ignored): predicted [B, 2], chosen [B] (-1 for mean),
-  candidates [B, k] (-1 = empty slot), candidate_prob [B, k]."""
+  candidates [B, k] (-1 = empty slot), candidate_prob [B, k].  Under a score rule the
+  candidates are ranked, and their probabilities normalized, by that rule's score."""
   valid = pool.get("valid")
-  chosen = select(rule, pool["tokens"], pool["log_prob"], pool["latlng"], valid)
-  index, probability = top_candidates(pool["tokens"], pool["log_prob"], num_candidates, valid)
+  scores = rule_scores(pool, rule, fused_weight)
+  chosen = select(rule, pool["tokens"], pool["log_prob"], pool["latlng"], valid, scores)
+  ranking = pool["log_prob"] if scores is None else scores
+  index, probability = top_candidates(pool["tokens"], ranking, num_candidates, valid)
   return {"predicted": chosen.latlng, "chosen": chosen.index, "candidates": index,
           "candidate_prob": probability}

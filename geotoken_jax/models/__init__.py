@@ -25,7 +25,7 @@ Biases and LayerNorm scales / offsets are named after the axis they run along
 ("embed", "mlp", ("heads", "kv"), "vocab").
 
 Configuration (`model_config(preset)` returns an ml_collections.ConfigDict):
-  encoder            "features" (the paper's) or "vit"
+  encoder            "features" (the paper's), "vit" or "clip"
   d_model, num_heads, ff_dim          decoder (and feature encoder) width / heads / FF hidden
   encoder_layers     feature-encoder depth (the ViT's depth is vit.depth)
   decoder_layers
@@ -41,15 +41,23 @@ Configuration (`model_config(preset)` returns an ml_collections.ConfigDict):
                      of the feature encoder
   vit                ConfigDict: name, image_size, patch_size, width, depth, num_heads,
                      mlp_dim, norm, activation, mean, std (see `vit_config`)
+  clip               ConfigDict, needed only by encoder "clip" (not in the presets: set
+                     cfg.clip = geotoken_jax.encoders.clip.clip_vision_config("vit_l14") or
+                     clip_config_from_weights(path)); its weights are placed by the trainer
+                     from encoders.clip.pretrained_leaves, its compute_dtype is the tower's
 """
 
 from __future__ import annotations
+
+import re
 
 import jax
 import ml_collections
 from flax import nnx
 
 from geotoken_jax import s2
+from geotoken_jax.models import align
+from geotoken_jax.models.align import GeoAlignModel, align_config
 from geotoken_jax.models.decoder import MASKED_LOGIT, Cache, Decoder, head_tables
 from geotoken_jax.models.feature_encoder import FeatureEncoder
 from geotoken_jax.models.geotoken import FEATURE_INPUT_KEYS, IMAGE_INPUT_KEY, GeoTokenModel
@@ -130,7 +138,7 @@ def model_config(preset: str = "paper") -> ml_collections.ConfigDict:
 
 
 def _check_config(cfg) -> None:
-  choices = {"encoder": ("features", "vit"), "norm": ("post", "pre"),
+  choices = {"encoder": ("features", "vit", "clip"), "norm": ("post", "pre"),
              "activation": ("relu", "gelu"), "positions": ("sinusoidal", "learned"),
              "compute_dtype": ("float32", "bfloat16")}
   for field, allowed in choices.items():
@@ -141,6 +149,12 @@ def _check_config(cfg) -> None:
   if cfg.encoder == "vit" and cfg.vit.width % cfg.vit.num_heads:
     raise ValueError(f"vit.width {cfg.vit.width} is not divisible by vit.num_heads "
                      f"{cfg.vit.num_heads}")
+  if cfg.encoder == "clip":
+    if "clip" not in cfg:
+      raise ValueError("encoder 'clip' needs model_config.clip: set it to "
+                       "geotoken_jax.encoders.clip.clip_vision_config(...)")
+    from geotoken_jax.encoders.clip import check_clip_config  # imports this package
+    check_clip_config(cfg.clip)
   if cfg.features.num_neighbors < 0:
     raise ValueError(f"features.num_neighbors must be >= 0, got {cfg.features.num_neighbors}")
   for field in ("dropout", "attention_dropout"):
@@ -149,10 +163,33 @@ def _check_config(cfg) -> None:
 
 
 def build_model(model_config: ml_collections.ConfigDict, spec: s2.TokenSpec, *,
-                rngs: nnx.Rngs) -> GeoTokenModel:
-  """A GeoTokenModel with float32 parameters drawn from rngs.params()."""
+                rngs: nnx.Rngs) -> GeoTokenModel | align.GeoAlignModel:
+  """The config's model with float32 parameters drawn from rngs.params(): a GeoTokenModel,
+  or a GeoAlignModel when model_config.architecture is "align" (see models.align)."""
+  if align.is_alignment(model_config):
+    return align.GeoAlignModel(model_config, rngs=rngs)
   _check_config(model_config)
   return GeoTokenModel(model_config, spec, rngs=rngs)
+
+
+def pretrained_leaves(model_config: ml_collections.ConfigDict) -> dict:
+  """{parameter path: numpy array} of the pretrained weights the config names (none: {})."""
+  if align.is_alignment(model_config):
+    return align.pretrained_leaves(model_config)
+  if model_config.encoder == "clip":
+    from geotoken_jax.encoders import clip  # pylint: disable=g-import-not-at-top
+
+    return clip.pretrained_leaves(model_config)
+  return {}
+
+
+def frozen(path: tuple, model_config: ml_collections.ConfigDict, patterns=()) -> bool:
+  """Is this parameter kept fixed?  GeoCLIP's Fourier matrices always are; so is every
+  parameter whose '/'-joined path matches one of `patterns` (regular expressions,
+  config.optim.frozen), e.g. "image_tower/.*" for a frozen CLIP tower."""
+  del model_config
+  name = "/".join(str(p) for p in path)
+  return path[-1] == "fourier_matrix" or any(re.fullmatch(p, name) for p in patterns)
 
 
 def param_count(model: nnx.Module) -> int:
@@ -163,7 +200,7 @@ def param_count(model: nnx.Module) -> int:
 __all__ = [
     "LOGICAL_AXES", "MASKED_LOGIT", "PRESETS", "FEATURE_INPUT_KEYS", "IMAGE_INPUT_KEY",
     "Cache", "Decoder", "FeatureEncoder", "GeoTokenModel", "ViTEncoder",
-    "build_model", "features_config", "head_tables", "metrics_from_sums", "model_config",
+    "GeoAlignModel", "align", "align_config", "build_model", "features_config", "frozen", "pretrained_leaves", "head_tables", "metrics_from_sums", "model_config",
     "param_count", "per_row_losses", "position_weights", "vit_config", "weighted_cross_entropy",
     "weighted_cross_entropy_sums",
 ]

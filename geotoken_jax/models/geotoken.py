@@ -1,7 +1,8 @@
-"""GeoTokenModel: an encoder (ViT or the paper's feature encoder) + the token decoder.
+"""GeoTokenModel: an encoder (ViT, CLIP or the paper's feature encoder) + the token decoder.
 
 Inputs are a dict (the encoder picks its keys):
   encoder "vit":       {"image": uint8 [B, H, W, 3]} (a bare image array works too)
+  encoder "clip":      {"image": uint8 [B, S, S, 3]}, S = config.clip.image_size
   encoder "features":  {"query_features": [B, 3, 768], "neighbor_features": [B, K, 3, 768],
                         "neighbor_tokens": int [B, K, P]}
 Extra keys are ignored, so a whole batch dict (with "tokens", "mask", ...) can be passed.
@@ -28,6 +29,7 @@ from geotoken_jax.models.vit import ViTEncoder
 
 FEATURE_INPUT_KEYS = ("query_features", "neighbor_features", "neighbor_tokens")
 IMAGE_INPUT_KEY = "image"
+_IMAGE_ENCODERS = ("vit", "clip")
 
 
 class GeoTokenModel(nnx.Module):
@@ -42,10 +44,14 @@ class GeoTokenModel(nnx.Module):
           config.vit, out_dim=self.d_model, dropout_rate=float(config.dropout),
           attention_dropout=float(config.attention_dropout), eps=float(config.layer_norm_eps),
           dtype=dtype, rngs=rngs)
+    elif self.encoder_kind == "clip":
+      # Imported here: geotoken_jax.encoders.clip imports geotoken_jax.models.
+      from geotoken_jax.encoders.clip import CLIPEncoder
+      self.encoder = CLIPEncoder(config, rngs=rngs)
     elif self.encoder_kind == "features":
       self.encoder = FeatureEncoder(config, spec, rngs=rngs)
     else:
-      raise ValueError(f"encoder must be 'vit' or 'features', got {config.encoder!r}")
+      raise ValueError(f"encoder must be 'vit', 'clip' or 'features', got {config.encoder!r}")
     self.decoder = Decoder(config, spec, rngs=rngs)
 
   @property
@@ -62,11 +68,11 @@ class GeoTokenModel(nnx.Module):
 
   @property
   def input_keys(self) -> tuple[str, ...]:
-    return (IMAGE_INPUT_KEY,) if self.encoder_kind == "vit" else FEATURE_INPUT_KEYS
+    return (IMAGE_INPUT_KEY,) if self.encoder_kind in _IMAGE_ENCODERS else FEATURE_INPUT_KEYS
 
   def memory_length(self, num_neighbors: int | None = None) -> int:
     """Length S of the encoder's output sequence."""
-    if self.encoder_kind == "vit":
+    if self.encoder_kind in _IMAGE_ENCODERS:
       return self.encoder.num_tokens
     k = self.encoder.num_neighbors if num_neighbors is None else num_neighbors
     return self.encoder.memory_length(k)
@@ -79,7 +85,7 @@ class GeoTokenModel(nnx.Module):
              rngs=None) -> jax.Array:
     """inputs -> memory [B, S, d_model] float32."""
     rngs = layers.as_rngs(rngs)
-    if self.encoder_kind == "vit":
+    if self.encoder_kind in _IMAGE_ENCODERS:
       images = inputs[IMAGE_INPUT_KEY] if isinstance(inputs, Mapping) else inputs
       return self.encoder(images, deterministic=deterministic, rngs=rngs)
     return self.encoder(*(inputs[k] for k in FEATURE_INPUT_KEYS), deterministic=deterministic,

@@ -133,7 +133,10 @@ def activation_fn(name: str) -> Callable[[jax.Array], jax.Array]:
   if name == "gelu":
     # Exact (erf) GELU, as torch's default and ViT's.
     return lambda x: jax.nn.gelu(x, approximate=False)
-  raise ValueError(f"activation must be 'relu' or 'gelu', got {name!r}")
+  if name == "quick_gelu":
+    # OpenAI CLIP's sigmoid approximation of GELU; its weights were trained with it.
+    return lambda x: x * jax.nn.sigmoid(1.702 * x)
+  raise ValueError(f"activation must be 'relu', 'gelu' or 'quick_gelu', got {name!r}")
 
 
 def sinusoid_table(length: int, dim: int) -> np.ndarray:

@@ -1,0 +1,221 @@
+"""Geo-alignment: InfoNCE against float64 NumPy, the GPS queue against a list, frozen
+parameters, gallery:K and the similarity / fused rules against brute force, and the
+alignment task through the trainer (resume, frozen encoder) and the evaluation job."""
+
+import collections
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from geotoken_jax import inference, models, optim, s2, sharding
+from geotoken_jax.decoding import strategies
+from geotoken_jax.models import align
+
+SPEC = s2.TokenSpec(20, 2)
+
+
+def _normalize64(x):
+  x = np.asarray(x, np.float64)
+  return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def _info_nce64(a, b, scale, extra, extra_valid, mask):
+  a, b, extra = _normalize64(a), _normalize64(b), _normalize64(extra)
+  rows = np.flatnonzero(mask)
+  forward, backward = [], []
+  for i in rows:
+    candidates = [scale * a[i] @ b[j] for j in rows] + [scale * a[i] @ extra[q] for q in np.flatnonzero(extra_valid)]
+    forward.append(np.log(np.sum(np.exp(candidates))) - scale * a[i] @ b[i])
+    column = [scale * a[j] @ b[i] for j in rows]
+    backward.append(np.log(np.sum(np.exp(column))) - scale * a[i] @ b[i])
+  return 0.5 * (np.sum(forward) + np.sum(backward)) / len(rows)
+
+
+def test_info_nce_matches_float64_numpy():
+  rng = np.random.default_rng(0)
+  a, b = rng.normal(size=(6, 5)), rng.normal(size=(6, 5))
+  extra = rng.normal(size=(4, 5))
+  extra_valid = np.array([True, False, True, True])
+  mask = np.array([True, True, False, True, True, True])
+  for scale in (1.0, 14.3):
+    loss, _ = align.info_nce(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32), jnp.float32(scale),
+                             extra_b=jnp.asarray(extra, jnp.float32), extra_valid=jnp.asarray(extra_valid),
+                             mask=jnp.asarray(mask))
+    expected = _info_nce64(a, b, scale, extra, extra_valid, mask)
+    np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+  # Without the queue and the mask: the plain symmetric CLIP loss.
+  loss, aux = align.info_nce(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32), jnp.float32(2.0))
+  expected = _info_nce64(a, b, 2.0, extra, np.zeros(4, bool), np.ones(6, bool))
+  np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+  hits = np.argmax(_normalize64(a) @ _normalize64(b).T, axis=1) == np.arange(6)
+  assert float(aux["accuracy"]) == pytest.approx(hits.mean())
+
+
+def test_queue_is_first_in_first_out():
+  size = 7
+  queue = align.init_queue(size)
+  oracle = collections.deque(maxlen=size)  # newest at the left
+  rng = np.random.default_rng(1)
+  push = jax.jit(align.push_queue)
+  for batch, masked in ((3, ()), (4, (1,)), (2, ()), (5, (0, 4)), (9, (2,)), (1, ())):
+    latlng = rng.uniform(-80, 80, size=(batch, 2)).astype(np.float32)
+    mask = np.ones(batch, bool)
+    mask[list(masked)] = False
+    queue = push(queue, jnp.asarray(latlng), jnp.asarray(mask))
+    for row in latlng[mask][::-1]:  # the batch's first row ends up newest-but-(n-1): batch order kept
+      oracle.appendleft(tuple(row))
+    filled = np.asarray(queue["filled"])
+    assert filled.sum() == len(oracle)
+    assert filled[:len(oracle)].all()
+    np.testing.assert_array_equal(np.asarray(queue["latlng"])[:len(oracle)], np.asarray(list(oracle), np.float32))
+
+
+def test_frozen_parameters_get_no_update():
+  params = {"location": {"fourier_matrix": jnp.ones((4, 2)), "w": jnp.ones((3,))}, "head": {"w": jnp.ones((3,))}}
+  config = ml_collections.ConfigDict(dict(schedule="constant", learning_rate=0.1, b1=0.9, b2=0.99, eps=1e-8,
+                                          weight_decay=0.1, grad_clip_norm=1.0))
+  frozen = lambda path: models.frozen(path, None, ("location/w",))  # noqa: E731
+  optimizer, _ = optim.make_optimizer(config, 10, 10, is_frozen=frozen)
+  state = optimizer.init(params)
+  grads = jax.tree.map(jnp.ones_like, params)
+  updates, _ = optimizer.update(grads, state, params)
+  new = optax.apply_updates(params, updates)
+  np.testing.assert_array_equal(new["location"]["fourier_matrix"], params["location"]["fourier_matrix"])
+  np.testing.assert_array_equal(new["location"]["w"], params["location"]["w"])
+  assert np.all(np.asarray(new["head"]["w"]) < 1.0)
+
+
+def _tiny_align_config():
+  cfg = models.align_config("earth_align")
+  cfg.vit.update(image_size=16, patch_size=8, width=32, depth=1, num_heads=2, mlp_dim=64)
+  cfg.update(feature_dim=24, embed_dim=16, loc_head=(20,), location_head=(12,), queue_size=8)
+  cfg.location.update(weights="", hidden=32, depth=1, out_dim=12, num_fourier=8)
+  return cfg
+
+
+def _restored(model_config, seed, mesh):
+  config = ml_collections.ConfigDict(dict(model=model_config, seed=seed, sharding_rules=sharding.DEFAULT_RULES,
+                                          tokens={"level": 20, "group_size": 2}))
+  graphdef, abstract, shardings = inference.abstract_params(config, SPEC, mesh)
+  params = jax.jit(lambda: nnx.state(models.build_model(model_config, SPEC, rngs=nnx.Rngs(seed)), nnx.Param),
+                   out_shardings=shardings)()
+  return inference.RestoredModel(config, SPEC, graphdef, params, shardings, mesh, 0)
+
+
+def _images(n, size, seed=0):
+  return np.random.default_rng(seed).integers(0, 256, size=(n, size, size, 3), dtype=np.uint8)
+
+
+def test_gallery_strategy_is_the_brute_force_top_k():
+  mesh = sharding.create_mesh({"data": -1}, jax.devices()[:2])
+  aligner = _restored(_tiny_align_config(), 3, mesh)
+  rng = np.random.default_rng(2)
+  latlng = np.stack([rng.uniform(-90, 90, 300), rng.uniform(-180, 180, 300)], -1).astype(np.float32)
+  gallery = inference.Gallery("test", latlng, np.asarray(s2.latlng_to_tokens(latlng[:, 0], latlng[:, 1], SPEC),
+                                                         np.int32))
+  gallery = inference.gallery_with_features(gallery, aligner)
+  wanted = strategies.parse_strategies("gallery:4,gallery:6:medoid", SPEC)
+  predictor = inference.Predictor(aligner.graphdef, aligner.params, aligner.param_shardings, mesh, SPEC, wanted,
+                                  num_candidates=4, is_aligner=True, gallery=gallery)
+  images = _images(8, 16)
+  batch = sharding.make_global_batch({"image": images, "index": np.arange(8, dtype=np.int32)}, mesh)
+  out = jax.tree.map(np.asarray, predictor(batch))
+
+  model = nnx.merge(aligner.graphdef, aligner.params)
+  query = _normalize64(model.embed({"image": jnp.asarray(images)})["loc_head"])
+  locations = _normalize64(model.locate(jnp.asarray(latlng)))
+  logits = float(model.logit_scale()) * query @ locations.T  # [8, 300] float64
+  order = np.argsort(-logits, axis=1, kind="stable")
+  np.testing.assert_allclose(out["gallery:4"]["predicted"], latlng[order[:, 0]], atol=0)
+  np.testing.assert_array_equal(out["gallery:4"]["candidate_latlng"], latlng[order[:, :4]])
+  probability = np.exp(logits - logits.max(1, keepdims=True))
+  top = np.take_along_axis(probability, order[:, :4], 1)
+  # float32 on device vs float64 here, with logits up to 14 (the initial logit scale): ~1e-4.
+  np.testing.assert_allclose(out["gallery:4"]["candidate_prob"], top / top.sum(1, keepdims=True), atol=2e-4)
+  # medoid of the 6 most similar locations
+  for i in range(8):
+    pool = latlng[order[i, :6]].astype(np.float64)
+    lat, lon = np.radians(pool[:, 0]), np.radians(pool[:, 1])
+    cos = (np.sin(lat)[:, None] * np.sin(lat)[None] + np.cos(lat)[:, None] * np.cos(lat)[None]
+           * np.cos(lon[:, None] - lon[None]))
+    medoid = np.argmin(np.arccos(np.clip(cos, -1, 1)).sum(1))
+    np.testing.assert_array_equal(out["gallery:6:medoid"]["predicted"][i], pool[medoid].astype(np.float32))
+
+
+def test_similarity_and_fused_rules_pick_the_brute_force_best():
+  mesh = sharding.create_mesh({"data": -1}, jax.devices()[:1])
+  aligner = _restored(_tiny_align_config(), 5, mesh)
+  geotoken = models.model_config("earth_tiny")
+  geotoken.vit.update(image_size=16, patch_size=8, width=32, depth=1, num_heads=2, mlp_dim=64)
+  geotoken.update(d_model=32, num_heads=2, ff_dim=64, decoder_layers=1)
+  decoder = _restored(geotoken, 7, mesh)
+  weight = 0.5
+  wanted = strategies.parse_strategies("sample:12:1.5:logprob,sample:12:1.5:similarity,sample:12:1.5:fused", SPEC)
+  predictor = inference.Predictor(decoder.graphdef, decoder.params, decoder.param_shardings, mesh, SPEC, wanted,
+                                  num_candidates=12, aligner=aligner, fused_weight=weight)
+  images = _images(4, 16, seed=3)
+  batch = sharding.make_global_batch({"image": images, "index": np.arange(4, dtype=np.int32)}, mesh)
+  out = jax.tree.map(np.asarray, predictor(batch))
+
+  # The pool, with its log-probabilities, from the candidates of the logprob rule (all
+  # distinct samples ranked by log-probability).
+  model = nnx.merge(aligner.graphdef, aligner.params)
+  query = _normalize64(model.embed({"image": jnp.asarray(images)})["loc_head"])
+  scale = float(model.logit_scale())
+  base = out["sample:12:1.5:logprob"]
+  for i in range(4):
+    keep = base["candidate_prob"][i] > 0
+    points = base["candidate_latlng"][i][keep]
+    cos = _normalize64(model.locate(jnp.asarray(points))) @ query[i]
+    log_prob = np.log(base["candidate_prob"][i][keep])  # up to a per-image constant
+    np.testing.assert_array_equal(out["sample:12:1.5:similarity"]["predicted"][i], points[np.argmax(cos)])
+    np.testing.assert_array_equal(out["sample:12:1.5:fused"]["predicted"][i],
+                                  points[np.argmax(log_prob + weight * scale * cos)])
+  with pytest.raises(ValueError, match="need an alignment model"):
+    inference.Predictor(decoder.graphdef, decoder.params, decoder.param_shardings, mesh, SPEC, wanted[1:])
+
+
+def _align_train_args(workdir, *extra):
+  return ["train", "--config=configs/earth.py:align_smoke", f"--workdir={workdir}", "--config.num_steps=6",
+          "--config.checkpoint_every_steps=3", "--config.data.eval_limit=32", *extra]
+
+
+@pytest.fixture(scope="module")
+def align_runs(tmp_path_factory):
+  from geotoken_jax import command_line, train  # pylint: disable=g-import-not-at-top
+
+  straight = tmp_path_factory.mktemp("align_straight")
+  assert command_line.call(train.main, _align_train_args(straight)) == 0
+  resumed = tmp_path_factory.mktemp("align_resumed")
+  assert command_line.call(train.main, _align_train_args(resumed, "--config.stop_after_steps=3")) == 143
+  assert command_line.call(train.main, _align_train_args(resumed)) == 0
+  return straight, resumed
+
+
+def test_alignment_training_resumes_exactly_and_keeps_the_encoder_frozen(align_runs):
+  straight, resumed = (inference.restore_model(w) for w in align_runs)
+  assert straight.step == resumed.step == 6
+  jax.tree.map(np.testing.assert_array_equal, straight.params, resumed.params)
+  # The location encoder was frozen (optim.frozen): it still holds its initialization.
+  fresh = nnx.state(models.build_model(straight.config.model, SPEC, rngs=nnx.Rngs(straight.config.seed)), nnx.Param)
+  jax.tree.map(np.testing.assert_array_equal, fresh["location"], straight.params["location"])
+  moved = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))), fresh["loc_head"],
+                       straight.params["loc_head"])
+  assert all(jax.tree.leaves(moved))
+
+
+def test_alignment_model_evaluates_with_gallery_strategies(align_runs, tmp_path):
+  result = inference.run_evaluation(None, align_runs[0], output_dir=tmp_path / "eval", make_plots=False)
+  assert set(result["results"]) == {"gallery:1", "gallery:5:medoid"}
+  for row in result["results"].values():
+    assert row["images"] == 32
+  rows = inference.read_predictions(tmp_path / "eval" / "predictions" / "gallery-1.jsonl")
+  gallery = inference.load_gallery(inference.load_run_config(align_runs[0]), SPEC)
+  # Every prediction is a gallery location.
+  points = {tuple(p) for p in gallery.latlng.tolist()}
+  assert all((np.float32(r["pred_lat"]).item(), np.float32(r["pred_lon"]).item()) in points for r in rows)
