@@ -68,6 +68,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       "num_candidates": 5,  # top-k cells per image in the predictions file
       "seed": 0,
       "plot_max_points": 2000,
+      # An alignment model (configs/earth.py:align) for gallery:K and the similarity / fused
+      # rules, e.g. --config.evaluate.alignment_workdir=workdirs/earth_align (or --alignment_workdir).
+      "alignment_workdir": "",
+      "gallery": "train",  # gallery:K's locations: train (the training cells), mp16_100k or a CSV
+      "gallery_limit": 0,
+      "fused_weight": 1.0,  # fused = log-probability + w * similarity logit
   })
 
   if variant.startswith("align"):

@@ -3,9 +3,10 @@
   geotoken train     --config configs/earth.py --workdir W
   geotoken evaluate  --workdir W [--strategies ...] [--csv F --image_dir D]
   geotoken predict   --workdir W photos/ ...
+  geotoken embed     --workdir ALIGN_W --split train --output DIR
   geotoken prepare   --dataset im2gps3k --manual_dir M --data_dir D
   geotoken tokenize  --input coords.csv --output tokens.npy
-  geotoken bench     {s2,train,decode,prepare} ...
+  geotoken bench     {s2,train,decode,prepare,embed} ...
 
 Each is also `python -m geotoken_jax.MODULE` with the same flags.
 """
@@ -20,6 +21,7 @@ COMMANDS = {
     "train": ("geotoken_jax.train", True),
     "evaluate": ("geotoken_jax.evaluate", True),
     "predict": ("geotoken_jax.predict", True),
+    "embed": ("geotoken_jax.embed", True),
     "prepare": ("geotoken_jax.data.prepare", False),
     "tokenize": ("geotoken_jax.tokenize", False),
     "bench": ("geotoken_jax.bench.__main__", False),

@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from absl import app, flags, logging
+from etils import epath
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
@@ -24,6 +25,8 @@ WORKDIR = flags.DEFINE_string("workdir", None, "the run's folder (local, gs://, 
 STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: the newest that restores)")
 STRATEGIES = flags.DEFINE_string("strategies", None, "comma-separated inference strategies, e.g. "
                                  "greedy,beam:5,sample:30:0.7:medoid (default: the config's)")
+ALIGNMENT_WORKDIR = flags.DEFINE_string("alignment_workdir", None, "an alignment model's workdir for gallery:K "
+                                        "and the similarity / fused rules (default evaluate.alignment_workdir)")
 OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "where results go (local or a URL)")
 SEED = flags.DEFINE_integer("seed", None, "sampling seed (default: the config's evaluate.seed)")
 
@@ -89,3 +92,29 @@ def call(main: Callable[[Sequence[str]], int], argv: Sequence[str]) -> int:
 def run(main: Callable[[Sequence[str]], int]) -> None:
   """The `python -m` entry point: absl's app.run, exiting with main's status."""
   app.run(lambda argv: sys.exit(main(argv)))
+
+
+def folder_source(config, workdir: str):
+  """The --csv/--image_dir folder, prepared once into the cache (keyed by the CSV's bytes and
+  the images' names, sizes and times), as a source; and its name (csv-STEM)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+  from geotoken_jax import inference  # pylint: disable=g-import-not-at-top
+  from geotoken_jax.data import folder_cache, tfds_source  # pylint: disable=g-import-not-at-top
+
+  spec = inference.token_spec(config)
+  cache_root = CACHE_DIR.value or str(epath.Path(workdir) / "cache" / "folders")
+  options = dict(id_column=ID_COLUMN.value, lat_column=LAT_COLUMN.value, lon_column=LON_COLUMN.value,
+                 country_column=COUNTRY_COLUMN.value, swap_latlon=SWAP_LATLON.value,
+                 level=spec.level, group_size=spec.group_size)
+  # Process 0 prepares; the others wait, then find it in the cache.
+  if jax.process_index() == 0:
+    prepared = folder_cache.prepare_folder(CSV.value, IMAGE_DIR.value, cache_root, **options)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("geotoken folder prepared")
+    if jax.process_index() != 0:
+      prepared = folder_cache.prepare_folder(CSV.value, IMAGE_DIR.value, cache_root, **options)
+  source = tfds_source.TfdsSource(tfds_source.dataset_dir(prepared.data_dir, prepared.dataset), prepared.split,
+                                  spec, image_size=config.data.get("image_size", 224))
+  return source, f"csv-{epath.Path(CSV.value).stem}"

@@ -22,39 +22,12 @@ from collections.abc import Sequence
 
 import ml_collections
 from absl import flags
-from etils import epath
-
 from geotoken_jax import command_line as cl
 
 _SPLIT = flags.DEFINE_string("split", None, "split to evaluate (default: the config's test_split); "
                              "DATASET:SPLIT for a prepared data set, e.g. yfcc4k:test")
 _LIMIT = flags.DEFINE_integer("limit", 0, "evaluate only the first N images (0 = all)")
 _PLOTS = flags.DEFINE_bool("plots", True, "write the CDF and world-map plots")
-
-
-def _folder_source(config, workdir: str):
-  """A labelled folder, prepared once into the cache, as a source; and its name."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-
-  from geotoken_jax import inference  # pylint: disable=g-import-not-at-top
-  from geotoken_jax.data import folder_cache, tfds_source  # pylint: disable=g-import-not-at-top
-
-  spec = inference.token_spec(config)
-  cache_root = cl.CACHE_DIR.value or str(epath.Path(workdir) / "cache" / "folders")
-  options = dict(id_column=cl.ID_COLUMN.value, lat_column=cl.LAT_COLUMN.value, lon_column=cl.LON_COLUMN.value,
-                 country_column=cl.COUNTRY_COLUMN.value, swap_latlon=cl.SWAP_LATLON.value,
-                 level=spec.level, group_size=spec.group_size)
-  # Process 0 prepares; the others wait, then find it in the cache.
-  if jax.process_index() == 0:
-    prepared = folder_cache.prepare_folder(cl.CSV.value, cl.IMAGE_DIR.value, cache_root, **options)
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices("geotoken folder prepared")
-    if jax.process_index() != 0:
-      prepared = folder_cache.prepare_folder(cl.CSV.value, cl.IMAGE_DIR.value, cache_root, **options)
-  source = tfds_source.TfdsSource(tfds_source.dataset_dir(prepared.data_dir, prepared.dataset), prepared.split,
-                                  spec, image_size=config.data.get("image_size", 224))
-  return source, f"csv-{epath.Path(cl.CSV.value).stem}"
 
 
 def main(argv: Sequence[str]) -> int:
@@ -85,10 +58,11 @@ def main(argv: Sequence[str]) -> int:
         config.data.data_dir = cl.DATA_DIR.value
       if cl.SEED.value is not None:
         config.evaluate.seed = cl.SEED.value
-    source, label = _folder_source(config, workdir) if cl.CSV.value else (None, None)
+    source, label = cl.folder_source(config, workdir) if cl.CSV.value else (None, None)
     result = inference.run_evaluation(config, workdir, strategy_text=cl.STRATEGIES.value, split=_SPLIT.value,
                                       source=source, split_label=label, step=cl.STEP.value,
-                                      output_dir=cl.OUTPUT_DIR.value, limit=_LIMIT.value, make_plots=_PLOTS.value)
+                                      output_dir=cl.OUTPUT_DIR.value, limit=_LIMIT.value, make_plots=_PLOTS.value,
+                                      alignment_workdir=cl.ALIGNMENT_WORKDIR.value)
   except (ValueError, FileNotFoundError, checkpoint.CheckpointRestoreError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -24,6 +24,8 @@ checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import json
 import logging
 import re
@@ -162,10 +164,16 @@ def restore_aligner(config, mesh, strategies_wanted: Sequence[Strategy], alignme
     raise ValueError(f"{', '.join(names)} need an alignment model: pass --alignment_workdir (or set "
                      "evaluate.alignment_workdir) to a workdir trained with an alignment config, e.g. "
                      "configs/earth.py:align")
+  if config.model.encoder == "features":
+    raise ValueError("similarity / fused / gallery strategies embed the query image with the alignment model; "
+                     "this model reads features, not images")
   aligner = restore_model(workdir, mesh=mesh)
   if not models.align.is_alignment(aligner.config.model):
     raise ValueError(f"{workdir} holds a {aligner.config.model.get('architecture', 'geotoken')} model, not an "
                      "alignment model")
+  if image_size(aligner.config.model) != image_size(config.model):
+    raise ValueError(f"the alignment model in {workdir} reads {image_size(aligner.config.model)} px images, this "
+                     f"model {image_size(config.model)} px: they must see the same images")
   return aligner
 
 
@@ -256,8 +264,8 @@ def load_gallery(config, spec: s2.TokenSpec, name: str | None = None) -> Gallery
 
 
 def _load_gallery(config, spec: s2.TokenSpec, name: str) -> Gallery:
-  if name == "train":
-    tokens = data.training_tokens(config.data, spec)
+  if name == "train":  # one entry per distinct training cell (duplicates add nothing to a top-k)
+    tokens = np.unique(data.training_tokens(config.data, spec), axis=0)
     return Gallery(name, s2.tokens_to_latlng(tokens, spec).astype(np.float32), tokens)
   if name == "mp16_100k":
     from geotoken_jax import package_data  # pylint: disable=g-import-not-at-top
@@ -271,17 +279,19 @@ def _load_gallery(config, spec: s2.TokenSpec, name: str) -> Gallery:
   return Gallery(name, latlng, np.asarray(tokens, np.int32))
 
 
+@functools.lru_cache(maxsize=8)
+def _locate_fn(graphdef: nnx.GraphDef):
+  """One compiled location embedding per model structure (not one per call)."""
+  return jax.jit(lambda params, points: models.align.normalize(nnx.merge(graphdef, params).locate(points)))
+
+
 def location_features(graphdef: nnx.GraphDef, params, mesh, latlng: np.ndarray, *, chunk: int = 8192
                       ) -> np.ndarray:
   """An alignment model's unit-norm location embeddings of [G, 2] coordinates: [G, E] float32,
   in chunks sharded over the mesh's batch axes."""
   divisor = sharding.global_batch_size_divisor(mesh)
   chunk = max(divisor, -(-chunk // divisor) * divisor)
-
-  @jax.jit
-  def embed(params, points):
-    return models.align.normalize(nnx.merge(graphdef, params).locate(points))
-
+  embed = _locate_fn(graphdef)
   out = []
   for start in range(0, len(latlng), chunk):
     points = np.zeros((chunk, 2), np.float32)
@@ -292,15 +302,24 @@ def location_features(graphdef: nnx.GraphDef, params, mesh, latlng: np.ndarray, 
   return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
+@jax.jit
+def _param_checksums(params):
+  return jax.tree.map(lambda x: jnp.sum(jnp.abs(x.astype(jnp.float32))), params)
+
+
 def gallery_with_features(gallery: Gallery, aligner: "RestoredModel", cache_dir=None, identity: str = ""
                           ) -> Gallery:
   """The gallery with the aligner's location features, read from / written to cache_dir
   (keyed by the coordinates and the checkpoint's identity)."""
-  import hashlib  # pylint: disable=g-import-not-at-top
-
-  key = hashlib.sha256(gallery.latlng.tobytes() + f"{identity}|{aligner.step}".encode()).hexdigest()[:16]
+  # The key holds the coordinates, the run and a checksum of the parameters themselves, so a
+  # retrained run in the same workdir never reads stale features.
+  checksum = [float(x) for x in jax.tree.leaves(_param_checksums(aligner.params))]
+  key = hashlib.sha256(gallery.latlng.tobytes() + f"{identity}|{aligner.step}|{checksum}".encode()).hexdigest()[:16]
   path = epath.Path(cache_dir) / f"gallery-{key}.npy" if cache_dir else None
-  if path is not None and path.exists():
+  cached = path is not None and path.exists()
+  if jax.process_count() > 1:  # every process takes the same branch (the computation is collective)
+    cached = bool(multihost_utils.broadcast_one_to_all(np.int32(cached)))
+  if cached:
     with path.open("rb") as f:
       features = np.load(f)
   else:
@@ -425,9 +444,10 @@ class Predictor:
     aligner_shardings = aligner.param_shardings if aligner is not None else None
     self._gallery_arrays = None
     gallery_shardings = None
-    if gallery is not None and gallery.features is not None:
-      self._gallery_arrays = gallery.arrays()
-      gallery_shardings = jax.tree.map(lambda _: replicated, self._gallery_arrays)
+    if gallery is not None:
+      gallery_shardings = {"latlng": replicated, "tokens": replicated, "features": replicated}
+      if gallery.features is not None:  # placed once, not copied to the devices at every call
+        self._gallery_arrays = jax.device_put(gallery.arrays(), gallery_shardings)
     self._fn = jax.jit(predict, in_shardings=(param_shardings, batch_sharding, trie_shardings,
                                               aligner_shardings, gallery_shardings),
                        out_shardings=batch_sharding)
@@ -454,13 +474,15 @@ class Predictor:
 
   def refresh_gallery(self, params) -> None:
     """Re-embeds the gallery with `params` (an alignment model's own validation while it trains)."""
-    if self.gallery is None:
-      return
+    if self.gallery is None or (self.aligner is not None and self._gallery_arrays is not None):
+      return  # a separate aligner's features do not change
     source = self.aligner if self.aligner is not None else None
     graphdef, current = (source.graphdef, source.params) if source is not None else (self._graphdef, params)
     self.gallery = dataclasses.replace(self.gallery, features=location_features(graphdef, current, self.mesh,
                                                                                 self.gallery.latlng))
-    self._gallery_arrays = self.gallery.arrays()
+    replicated = sharding.replicated(self.mesh)
+    self._gallery_arrays = jax.device_put(self.gallery.arrays(), jax.tree.map(lambda _: replicated,
+                                                                                self.gallery.arrays()))
 
   def _args(self, device_batch, params):
     aligner_params = self.aligner.params if self.aligner is not None else None
@@ -710,6 +732,7 @@ def run_evaluation(config: ml_collections.ConfigDict | None, workdir, *, strateg
   output_dir = epath.Path(output_dir or epath.Path(workdir) / "eval" / f"{file_name(split)}-step{step}")
   paths = {s.name: output_dir / "predictions" / (file_name(s.name) + ".jsonl") for s in wanted}
   if process_index == 0:
+    _check_same_settings(output_dir, eval_config, alignment_workdir)
     (output_dir / "predictions").mkdir(parents=True, exist_ok=True)
     (output_dir / "run.json").write_text(json.dumps(
         {"checkpoint_step": step, "split": split, "records": num_records, "limit": limit,
@@ -775,6 +798,25 @@ def run_evaluation(config: ml_collections.ConfigDict | None, workdir, *, strateg
   return {"step": step, "split": split, "output_dir": str(output_dir), "results": results, "timings": timings}
 
 
+# Settings that change predictions without changing the strategy names.
+_RESUME_SETTINGS = ("alignment_workdir", "gallery", "gallery_limit", "fused_weight", "seed", "num_candidates")
+
+
+def _check_same_settings(output_dir, eval_config, alignment_workdir) -> None:
+  """A resumed evaluation must not append predictions made with other settings."""
+  path = epath.Path(output_dir) / "run.json"
+  if not path.exists():
+    return
+  old = json.loads(path.read_text()).get("evaluate", {})
+  new = dict(eval_config.to_dict(), alignment_workdir=alignment_workdir or str(eval_config.alignment_workdir))
+  old = dict(old, alignment_workdir=json.loads(path.read_text()).get("alignment_workdir", old.get("alignment_workdir", "")))
+  changed = [k for k in _RESUME_SETTINGS if k in old and old[k] != new.get(k)]
+  if changed:
+    details = ", ".join(f"{k}: {old[k]!r} -> {new.get(k)!r}" for k in changed)
+    raise ValueError(f"{output_dir} holds predictions made with other settings ({details}); use another "
+                     "--output_dir")
+
+
 def write_plots(output_dir: epath.Path, rows_of: Mapping[str, list[dict]], *, split: str, step: int,
                 max_points: int) -> None:
   all_distances = {}
@@ -807,6 +849,48 @@ def write_results(output_dir, results: dict, *, split: str, step: int, timings: 
       {"split": split, "checkpoint_step": step, "results": results, "decode_timings": timings,
        "table": table}, indent=1))
   return table
+
+
+# ---------------------------------------------------------------------------
+# Embeddings (alignment models).
+
+
+def embed_function(restored: RestoredModel):
+  """The jitted (global batch) -> {"image", "loc_head"[, "text_head"]: [B, D]} of an alignment model."""
+  if not models.align.is_alignment(restored.config.model):
+    raise ValueError(f"{restored.workdir or 'this run'} holds a GeoToken model; embeddings come from an "
+                     "alignment model (trained with an alignment config, e.g. configs/earth.py:align)")
+  graphdef, params = restored.graphdef, restored.params
+  batch_sharding = sharding.batch_sharding(restored.mesh)
+  fn = jax.jit(lambda p, batch: nnx.merge(graphdef, p).embed(batch),
+               in_shardings=(restored.param_shardings, batch_sharding), out_shardings=batch_sharding)
+  return lambda batch: fn(params, {"image": batch["image"]})
+
+
+def run_embedding(workdir, output_dir, *, split: str | None = None, source=None, split_label: str | None = None,
+                  step: int | None = None, batch_size: int | None = None, dtype: str = "float16",
+                  fields: Sequence[str] | None = None, limit: int = 0, devices=None, overwrite: bool = False,
+                  shard_rows: int = 65536) -> dict:
+  """Every image of a split (or `source`) through the workdir's alignment model, stored by
+  geotoken_jax.embeddings (sharded .npy arrays + manifest; resumable, multi-host).  Returns
+  the manifest."""
+  from geotoken_jax import embeddings  # pylint: disable=g-import-not-at-top
+
+  restored = restore_model(workdir, step=step, devices=devices)
+  config = restored.config
+  if source is None:
+    split = split or config.test_split
+    source = data.get_source(config.data, split, restored.spec)
+  else:
+    split = split_label or split or "source"
+  if limit:
+    source = data.FirstRows(source, limit)
+  global_batch = int(batch_size or evaluate_config(config).batch_size)
+  identity = {"workdir": str(workdir), "step": restored.step, "split": split,
+              "model": json.loads(config.model.to_json_best_effort())}
+  return embeddings.write_embeddings(embed_function(restored), source, output_dir, mesh=restored.mesh,
+                                     global_batch_size=global_batch, dtype=dtype, fields=fields,
+                                     manifest_extra=identity, shard_rows=shard_rows, overwrite=overwrite)
 
 
 # ---------------------------------------------------------------------------

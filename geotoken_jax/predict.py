@@ -63,7 +63,8 @@ def main(argv: Sequence[str]) -> int:
       return 2
     predictions = inference.predict_files(
         restored, paths, strategy_text=_STRATEGY.value, top_k=_TOP_K.value, batch_size=_BATCH_SIZE.value,
-        seed=cl.SEED.value or 0, cache_dir=epath.Path(cl.WORKDIR.value) / "cache" / "tries")
+        seed=cl.SEED.value or 0, cache_dir=epath.Path(cl.WORKDIR.value) / "cache" / "tries",
+        alignment_workdir=cl.ALIGNMENT_WORKDIR.value)
     print(f"checkpoint step {restored.step}, strategy {_STRATEGY.value}, {len(paths)} image(s)", flush=True)
     failed, kept = [], []
     out_file = epath.Path(_OUTPUT.value).open("w") if _OUTPUT.value else None

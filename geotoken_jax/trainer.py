@@ -66,7 +66,17 @@ def check_config(config: ml_collections.ConfigDict, mesh) -> None:
     raise ValueError(f"eval_batch_size {config.eval_batch_size} must be a multiple of the mesh's {devices} "
                      f"batch devices and of the {processes} processes")
   inference.check_evaluation(config, mesh)  # evaluate.batch_size, evaluate.strategies
-  strategies.parse_strategies(validation_strategy(config), inference.token_spec(config))
+  wanted = strategies.parse_strategies(validation_strategy(config), inference.token_spec(config))
+  if models.align.is_alignment(config.model):
+    if any(s.kind != "gallery" for s in wanted):
+      raise ValueError(f"validation_strategy {validation_strategy(config)!r}: an alignment model validates with "
+                       "gallery:K")
+    if accum > 1:
+      raise ValueError("optim.grad_accum_steps must be 1 for an alignment model: InfoNCE over a microbatch "
+                       "has fewer negatives, a different objective (raise batch_size or use more devices)")
+  elif any(strategies.needs_alignment(s) for s in wanted):
+    raise ValueError(f"validation_strategy {validation_strategy(config)!r} needs an alignment model; the trainer "
+                     "validates without one: use a decoder strategy (greedy, beam:W, sample:N:T:RULE)")
   if int(config.get("max_consecutive_nonfinite", 1)) < 1:
     raise ValueError(f"max_consecutive_nonfinite must be >= 1, got {config.max_consecutive_nonfinite}")
   if int(config.get("preemption_check_every_steps", 1)) < 1:
@@ -79,7 +89,7 @@ def validation_strategy(config) -> str:
 
 # Fields a resumed run must share with its checkpoint: they fix the data stream,
 # the parameters' shapes or what the tokens mean.
-RESUME_FIELDS = ("batch_size", "seed", "tokens", "model", "data.name", "data.splits", "data.image_size",
+RESUME_FIELDS = ("batch_size", "seed", "tokens", "model", "optim.frozen", "data.name", "data.splits", "data.image_size",
                  "data.holdout", "data.leak_filter")
 
 
@@ -130,9 +140,12 @@ def create_train_state(config: ml_collections.ConfigDict, spec: s2.TokenSpec, me
                        total_steps: int, steps_per_epoch: int) -> tuple[TrainSetup, dict]:
   """Initializes parameters and optimizer state directly in their shardings."""
   build = functools.partial(models.build_model, config.model, spec)
-  graphdef, _, param_shardings = inference.abstract_params(config, spec, mesh)  # what evaluation restores
+  graphdef, abstract, param_shardings = inference.abstract_params(config, spec, mesh)  # what evaluation restores
+  frozen = [optim.parameter_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(abstract)[0]
+            if is_frozen(config, optim.parameter_path(p))]
+  # Only a model with frozen parameters gets the masked optimizer (its state has another structure).
   optimizer, schedule = optim.make_optimizer(config.optim, total_steps, steps_per_epoch,
-                                             is_frozen=lambda path: is_frozen(config, path))
+                                             is_frozen=(lambda path: is_frozen(config, path)) if frozen else None)
 
   def init():
     params = nnx.state(build(rngs=nnx.Rngs(config.seed)), nnx.Param)
@@ -161,7 +174,14 @@ def load_pretrained(state: dict, config: ml_collections.ConfigDict) -> dict:
   """Places the pretrained weights the model config names (CLIP tower, GeoCLIP location
   encoder, ...) into the freshly initialized, sharded parameters; every loaded array must
   match a parameter's path and shape."""
-  leaves = models.pretrained_leaves(config.model)
+  if jax.process_count() > 1:  # process 0 converts any weights first (once), the others then read them
+    if jax.process_index() == 0:
+      leaves = models.pretrained_leaves(config.model)
+    multihost_utils.sync_global_devices("geotoken pretrained weights ready")
+    if jax.process_index() != 0:
+      leaves = models.pretrained_leaves(config.model)
+  else:
+    leaves = models.pretrained_leaves(config.model)
   if not leaves:
     return state
   used = set()
@@ -175,7 +195,8 @@ def load_pretrained(state: dict, config: ml_collections.ConfigDict) -> dict:
       raise ValueError(f"pretrained weight {'/'.join(map(str, path))} has shape {array.shape}, the model's "
                        f"parameter {value.shape}")
     used.add(path)
-    return jax.device_put(array, value.sharding)
+    # Each process fills its own shards from its copy (no cross-host equality check of the array).
+    return jax.make_array_from_callback(array.shape, value.sharding, lambda index: array[index])
 
   state = dict(state, params=jax.tree_util.tree_map_with_path(place, state["params"]))
   unused = sorted("/".join(map(str, p)) for p in set(leaves) - used)

@@ -3,6 +3,7 @@ parameters, gallery:K and the similarity / fused rules against brute force, and 
 alignment task through the trainer (resume, frozen encoder) and the evaluation job."""
 
 import collections
+import json
 
 import jax
 import jax.numpy as jnp
@@ -214,8 +215,94 @@ def test_alignment_model_evaluates_with_gallery_strategies(align_runs, tmp_path)
   assert set(result["results"]) == {"gallery:1", "gallery:5:medoid"}
   for row in result["results"].values():
     assert row["images"] == 32
+  # The trainer's final test row (its own validation path) equals the evaluation job's.
+  trained = json.loads((align_runs[0] / "results.json").read_text())["test"]
+  for key in ("acc@1km", "acc@25km", "acc@200km", "acc@750km", "acc@2500km", "median_km"):
+    assert trained[key] == pytest.approx(result["results"]["gallery:1"][key], abs=1e-3), key
   rows = inference.read_predictions(tmp_path / "eval" / "predictions" / "gallery-1.jsonl")
   gallery = inference.load_gallery(inference.load_run_config(align_runs[0]), SPEC)
   # Every prediction is a gallery location.
   points = {tuple(p) for p in gallery.latlng.tolist()}
   assert all((np.float32(r["pred_lat"]).item(), np.float32(r["pred_lon"]).item()) in points for r in rows)
+
+
+def test_embed_command_stores_what_the_model_computes(align_runs, tmp_path):
+  from geotoken_jax import command_line, data, embed, embeddings  # pylint: disable=g-import-not-at-top
+
+  workdir = align_runs[0]
+  output = tmp_path / "emb"
+  argv = ["embed", f"--workdir={workdir}", "--split=test", f"--output={output}", "--dtype=float32", "--limit=40",
+          "--shard_rows=16", "--batch_size=16"]
+  assert command_line.call(embed.main, argv) == 0
+  stored = embeddings.open_embeddings(output, verify=True)
+  assert stored.num_records == 40 and set(stored.fields) == {"image", "loc_head"}
+  restored = inference.restore_model(workdir)
+  source = data.get_source(restored.config.data, "test", SPEC)
+  rows = data.load_rows(source, np.arange(40))
+  model = nnx.merge(restored.graphdef, restored.params)
+  expected = model.embed({"image": jnp.asarray(rows["image"])})
+  for name in ("image", "loc_head"):
+    np.testing.assert_allclose(stored.field(name), np.asarray(expected[name]), rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(stored.latlng, rows["latlng"])
+  np.testing.assert_array_equal(stored.tokens, rows["tokens"])
+  assert stored.manifest["extra"]["step"] == restored.step
+  # A rerun finds everything done; other settings in the same output are refused.
+  assert command_line.call(embed.main, argv) == 0
+  assert command_line.call(embed.main, [a if a != "--dtype=float32" else "--dtype=float16" for a in argv]) == 2
+
+
+def test_text_head_adds_its_own_symmetric_term():
+  cfg = _tiny_align_config()
+  cfg.update(text_dim=6, queue_size=0)
+  model = models.build_model(cfg, SPEC, rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(4)
+  batch = {"image": jnp.asarray(_images(5, 16, seed=4)),
+           "latlng": jnp.asarray(rng.uniform(-60, 60, (5, 2)), jnp.float32),
+           "text_features": jnp.asarray(rng.normal(size=(5, 6)), jnp.float32)}
+  loss, aux = align.contrastive_loss(model, batch, None)
+  embedded = model.embed(batch)
+  gps = _info_nce64(embedded["loc_head"], model.locate(batch["latlng"]), float(model.logit_scale()),
+                    np.ones((1, cfg.embed_dim)), np.zeros(1, bool), np.ones(5, bool))
+  text_scale = float(jnp.exp(model.text_logit_scale[...]))
+  text = _info_nce64(embedded["text_head"], batch["text_features"], text_scale, np.ones((1, 6)), np.zeros(1, bool),
+                     np.ones(5, bool))
+  np.testing.assert_allclose(float(aux["gps_loss"]), gps, rtol=1e-5)
+  np.testing.assert_allclose(float(aux["text_loss"]), text, rtol=1e-5)
+  np.testing.assert_allclose(float(loss), gps + text, rtol=1e-5)
+  with pytest.raises(ValueError, match="text_features"):
+    align.contrastive_loss(model, {k: v for k, v in batch.items() if k != "text_features"}, None)
+
+
+def test_info_nce_gradients_are_finite_with_masked_rows_and_an_empty_queue():
+  rng = np.random.default_rng(5)
+  a, b = jnp.asarray(rng.normal(size=(4, 3)), jnp.float32), jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)
+  queue = align.init_queue(3)  # nothing filled yet
+  mask = jnp.asarray([True, False, True, True])
+  grads = jax.grad(lambda a, b, s: align.info_nce(a, b, jnp.exp(s), extra_b=queue["latlng"] @ jnp.ones((2, 3)),
+                                                  extra_valid=queue["filled"], mask=mask)[0],
+                   argnums=(0, 1, 2))(a, b, jnp.float32(2.0))
+  assert all(np.isfinite(np.asarray(g)).all() for g in grads)
+  np.testing.assert_array_equal(np.asarray(grads[0])[1], 0.0)  # a masked row takes no part
+  # Past the clamp (log 100) the scale still gets a gradient (straight-through), so it can come back.
+  grad = jax.grad(lambda s: align.info_nce(a, b, jnp.exp(align.clamp_log_scale(s)))[0])(jnp.float32(6.0))
+  assert float(grad) != 0.0
+
+
+def test_load_pretrained_places_weights_and_names_bad_ones(monkeypatch):
+  from geotoken_jax import trainer  # pylint: disable=g-import-not-at-top
+
+  mesh = sharding.create_mesh({"data": -1}, jax.devices()[:2])
+  restored = _restored(_tiny_align_config(), 0, mesh)
+  kernel = np.arange(24 * 20, dtype=np.float32).reshape(24, 20)
+  config = restored.config
+  monkeypatch.setattr(models, "pretrained_leaves", lambda _: {("loc_head", "layers", 0, "kernel"): kernel})
+  state = trainer.load_pretrained({"params": restored.params}, config)
+  placed = state["params"]["loc_head"]["layers"][0]["kernel"][...]
+  np.testing.assert_array_equal(np.asarray(placed), kernel)
+  assert placed.sharding == restored.params["loc_head"]["layers"][0]["kernel"][...].sharding
+  monkeypatch.setattr(models, "pretrained_leaves", lambda _: {("loc_head", "layers", 0, "kernel"): kernel[:3]})
+  with pytest.raises(ValueError, match="loc_head/layers/0/kernel has shape"):
+    trainer.load_pretrained({"params": restored.params}, config)
+  monkeypatch.setattr(models, "pretrained_leaves", lambda _: {("no_such", "kernel"): kernel})
+  with pytest.raises(ValueError, match="no_such/kernel"):
+    trainer.load_pretrained({"params": restored.params}, config)

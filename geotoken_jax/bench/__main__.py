@@ -1,4 +1,4 @@
-"""python -m geotoken_jax.bench {s2,train,decode,prepare} [flags]: one JSON line per run."""
+"""python -m geotoken_jax.bench {s2,train,decode,prepare,embed} [flags]: one JSON line per run."""
 
 from __future__ import annotations
 
@@ -6,9 +6,10 @@ import argparse
 import json
 import sys
 
-from geotoken_jax.bench import decode_bench, prepare_bench, s2_bench, train_bench
+from geotoken_jax.bench import decode_bench, embed_bench, prepare_bench, s2_bench, train_bench
 
-_BENCHMARKS = {"s2": s2_bench, "train": train_bench, "decode": decode_bench, "prepare": prepare_bench}
+_BENCHMARKS = {"s2": s2_bench, "train": train_bench, "decode": decode_bench, "prepare": prepare_bench,
+               "embed": embed_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -125,6 +125,8 @@ class Strategy:
       if self.num_samples < 1:
         raise ValueError(f"{self.name}: the number of samples must be >= 1")
       check_sampling(self.temperature, self.top_k, self.top_p)
+    if self.trie_level and not self.trie_min_count:
+      raise ValueError(f"{self.kind}: trie_level needs trie (e.g. trie:trie_level={self.trie_level})")
     if self.trie_min_count < 0:
       raise ValueError(f"{self.name}: trie min count must be >= 1")
     if self.trie_level and (self.trie_level % spec.group_size or not 0 < self.trie_level <= spec.level):

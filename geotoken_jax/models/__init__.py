@@ -186,9 +186,11 @@ def pretrained_leaves(model_config: ml_collections.ConfigDict) -> dict:
 def frozen(path: tuple, model_config: ml_collections.ConfigDict, patterns=()) -> bool:
   """Is this parameter kept fixed?  GeoCLIP's Fourier matrices always are; so is every
   parameter whose '/'-joined path matches one of `patterns` (regular expressions,
-  config.optim.frozen), e.g. "image_tower/.*" for a frozen CLIP tower."""
-  del model_config
+  config.optim.frozen) or of the model config's own `frozen` (the geoclip / g3 presets
+  freeze their CLIP tower), e.g. "image_tower/.*"."""
   name = "/".join(str(p) for p in path)
+  own = tuple(model_config.get("frozen", ())) if model_config is not None else ()
+  patterns = tuple(patterns) + own
   return path[-1] == "fourier_matrix" or any(re.fullmatch(p, name) for p in patterns)
 
 

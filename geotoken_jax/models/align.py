@@ -76,17 +76,17 @@ def align_config(preset: str = "earth_align") -> ml_collections.ConfigDict:
   cfg = ml_collections.ConfigDict(dict(
       preset=preset, architecture="align", image_tower="vit", feature_dim=256, embed_dim=256,
       loc_head=(256,), location=_location_config(weights="geoclip"), location_head=(256,),
-      text_dim=0, logit_scale_init=math.log(1 / 0.07), queue_size=1024, image_mlp_weights="",
+      text_dim=0, logit_scale_init=math.log(1 / 0.07), queue_size=1024, image_mlp_weights="", frozen=(),
       layer_norm_eps=1e-5, compute_dtype="float32",
       vit=models.vit_config("vit_tiny"), clip=clip.clip_vision_config("vit_l14")))
   if preset == "earth_align":
     cfg.vit.update(width=128, num_heads=2, mlp_dim=512, depth=4)
   elif preset == "geoclip":
     cfg.update(image_tower="clip", feature_dim=768, embed_dim=512, loc_head=(768,), location_head=None,
-               queue_size=4096, image_mlp_weights="geoclip")
+               queue_size=4096, image_mlp_weights="geoclip", frozen=("image_tower/.*",))
   elif preset == "g3":
     cfg.update(image_tower="clip", feature_dim=768, embed_dim=768, loc_head=(768,), location_head=(512,),
-               text_dim=768, logit_scale_init=3.99, queue_size=0)
+               text_dim=768, logit_scale_init=3.99, queue_size=0, frozen=("image_tower/.*",))
     cfg.location.update(projection="mercator")
   else:
     raise ValueError(f"unknown alignment preset {preset!r}; known: {ALIGN_PRESETS}")
@@ -166,13 +166,19 @@ class GeoAlignModel(nnx.Module):
     return x if self.location_head is None else self.location_head(x)
 
   def logit_scale(self) -> jax.Array:
-    return jnp.exp(jnp.minimum(self.loc_logit_scale[...], MAX_LOGIT_SCALE))
+    return jnp.exp(clamp_log_scale(self.loc_logit_scale[...]))
 
   def similarity(self, query: jax.Array, locations: jax.Array) -> jax.Array:
     """cos(query [B, E], locations [..., E]) for every pair -> [B, ...]."""
     q = normalize(query)
     g = normalize(locations)
     return jnp.einsum("be,...e->b...", q, g)
+
+
+def clamp_log_scale(log_scale: jax.Array) -> jax.Array:
+  """min(log_scale, log 100) forward, identity backward (straight-through): CLIP clamps the
+  parameter after each update; a plain min would zero its gradient past the bound for good."""
+  return log_scale + jax.lax.stop_gradient(jnp.minimum(log_scale, MAX_LOGIT_SCALE) - log_scale)
 
 
 def normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
@@ -263,8 +269,11 @@ def contrastive_loss(model: GeoAlignModel, batch: Mapping[str, jax.Array], queue
                        extra_valid=queue_valid, mask=mask)
   out = {"gps_loss": loss, "gps_accuracy": aux["accuracy"],
          "logit_scale": model.logit_scale()}
-  if model.text_head is not None and TEXT_FEATURES_KEY in batch:
-    text_scale = jnp.exp(jnp.minimum(model.text_logit_scale[...], MAX_LOGIT_SCALE))
+  if model.text_head is not None:
+    if TEXT_FEATURES_KEY not in batch:
+      raise ValueError(f"the model has a text head (text_dim {model.text_head.dims[-1]}) but the batch has no "
+                       f"{TEXT_FEATURES_KEY!r}: use data with text features or set model.text_dim = 0")
+    text_scale = jnp.exp(clamp_log_scale(model.text_logit_scale[...]))
     text_loss, text_aux = info_nce(embedded["text_head"], batch[TEXT_FEATURES_KEY], text_scale, mask=mask)
     loss = loss + text_loss
     out.update(text_loss=text_loss, text_accuracy=text_aux["accuracy"])
@@ -278,6 +287,10 @@ def pretrained_leaves(model_config) -> dict[tuple, np.ndarray]:
   from geotoken_jax.encoders import clip, geoclip_weights, location  # pylint: disable=g-import-not-at-top
 
   leaves: dict[tuple, np.ndarray] = {}
+  if (model_config.image_tower == "clip" and not model_config.clip.get("weights")
+      and any(p.startswith("image_tower") for p in model_config.get("frozen", ()))):
+    raise ValueError("the CLIP image tower is frozen but model.clip.weights is empty: it would stay random. "
+                     "Set --config.model.clip.weights=/path/to/model.safetensors (Hugging Face or OpenAI layout)")
   if model_config.image_tower == "clip" and model_config.clip.get("weights"):
     leaves.update(clip.pretrained_leaves(model_config, prefix=("image_tower",)))
   location_config = model_config.location
@@ -291,4 +304,6 @@ def pretrained_leaves(model_config) -> dict[tuple, np.ndarray]:
     paths = geoclip_weights.ensure_converted()
     mlp = geoclip_weights.load_image_mlp_weights(paths["image_mlp"])
     leaves.update({("loc_head", *k): v for k, v in mlp.items()})
+    # GeoCLIP's learned temperature (log space), with its image MLP: GeoCLIP's scores exactly.
+    leaves[("loc_logit_scale",)] = np.asarray(geoclip_weights.load_logit_scale(paths["logit_scale"]), np.float32)
   return leaves
