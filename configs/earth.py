@@ -73,7 +73,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       "alignment_workdir": "",
       "gallery": "train",  # gallery:K's locations: train (the training cells), mp16_100k or a CSV
       "gallery_limit": 0,
-      "fused_weight": 1.0,  # fused = log-probability + w * similarity logit
+      "fused_weight": 0.3,  # fused = log-probability + w * similarity logit (0.3: best of 0.1 / 0.3 / 1 on validation)
   })
 
   if variant.startswith("align"):

@@ -79,6 +79,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       "strategies": ("greedy,beam:5,sample:30:0.7:logprob,sample:30:0.7:vote,"
                      "sample:30:0.7:medoid,sample:30:0.7:mean"),
       "batch_size": 256, "num_candidates": 5, "seed": 0, "plot_max_points": 2000,
+      # gallery:K / similarity / fused: an alignment model's workdir and the GPS gallery
+      # (GeoCLIP's 100K MP16 coordinates by default here).
+      "alignment_workdir": "", "gallery": "mp16_100k", "gallery_limit": 0, "fused_weight": 1.0,
   })
 
   if variant in ("tiny", "tiny_holdout"):

@@ -153,8 +153,9 @@ def create_train_state(config: ml_collections.ConfigDict, spec: s2.TokenSpec, me
     state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params),
              # Steps skipped for a non-finite loss or gradient: in a row, and in all.
              "nonfinite": {"consecutive": jnp.zeros((), jnp.int32), "total": jnp.zeros((), jnp.int32)}}
-    if models.align.is_alignment(config.model):
-      state["queue"] = models.align.init_queue(int(config.model.queue_size))  # past GPS, extra negatives
+    if models.align.is_alignment(config.model):  # past GPS, extra negatives
+      encoded_dim = int(config.model.location.out_dim) if frozen_location_encoder(config, abstract) else 0
+      state["queue"] = models.align.init_queue(int(config.model.queue_size), encoded_dim)
     return state
 
   # XLA propagates the parameters' shardings into the optimizer state (Adam's
@@ -163,6 +164,13 @@ def create_train_state(config: ml_collections.ConfigDict, spec: s2.TokenSpec, me
   state_shardings = jax.tree.map(lambda x: x.sharding, state)
   state_shardings["params"] = param_shardings
   return TrainSetup(graphdef, optimizer, schedule, state_shardings, spec), state
+
+
+def frozen_location_encoder(config: ml_collections.ConfigDict, params) -> bool:
+  """Is every parameter of an alignment model's location encoder frozen?"""
+  paths = [optim.parameter_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  location = [p for p in paths if p[0] == "location"]
+  return bool(location) and all(is_frozen(config, p) for p in location)
 
 
 def is_frozen(config: ml_collections.ConfigDict, path: tuple) -> bool:
@@ -269,7 +277,11 @@ def make_train_step(setup: TrainSetup, config: ml_collections.ConfigDict, mesh) 
                  "nonfinite": {"consecutive": consecutive,
                                "total": state["nonfinite"]["total"] + (~finite).astype(jnp.int32)}}
     if queue is not None:  # this batch's GPS become negatives of the next steps
-      new_state["queue"] = keep(models.align.push_queue(queue, batch["latlng"], batch.get("mask")), queue)
+      encoded = None
+      if "encoded" in queue:  # the frozen encoder's outputs, stored with them
+        location = nnx.merge(setup.graphdef, state["params"]).location
+        encoded = location(batch["latlng"].astype(jnp.float32))
+      new_state["queue"] = keep(models.align.push_queue(queue, batch["latlng"], batch.get("mask"), encoded), queue)
     step_metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": setup.schedule(state["step"]),
                     "skipped": (~finite).astype(jnp.int32), "skipped_in_a_row": consecutive,
                     "skipped_total": new_state["nonfinite"]["total"], **aux}

@@ -59,7 +59,7 @@ def test_info_nce_matches_float64_numpy():
 
 def test_queue_is_first_in_first_out():
   size = 7
-  queue = align.init_queue(size)
+  queue = align.init_queue(size, encoded_dim=3)
   oracle = collections.deque(maxlen=size)  # newest at the left
   rng = np.random.default_rng(1)
   push = jax.jit(align.push_queue)
@@ -67,13 +67,17 @@ def test_queue_is_first_in_first_out():
     latlng = rng.uniform(-80, 80, size=(batch, 2)).astype(np.float32)
     mask = np.ones(batch, bool)
     mask[list(masked)] = False
-    queue = push(queue, jnp.asarray(latlng), jnp.asarray(mask))
+    encoded = np.concatenate([latlng, latlng[:, :1] * 2], axis=1)  # stands in for encoder outputs
+    queue = push(queue, jnp.asarray(latlng), jnp.asarray(mask), jnp.asarray(encoded))
     for row in latlng[mask][::-1]:  # the batch's first row ends up newest-but-(n-1): batch order kept
       oracle.appendleft(tuple(row))
     filled = np.asarray(queue["filled"])
     assert filled.sum() == len(oracle)
     assert filled[:len(oracle)].all()
     np.testing.assert_array_equal(np.asarray(queue["latlng"])[:len(oracle)], np.asarray(list(oracle), np.float32))
+    stored = np.asarray(queue["encoded"])[:len(oracle)]
+    np.testing.assert_array_equal(stored[:, :2], np.asarray(list(oracle), np.float32))
+    np.testing.assert_array_equal(stored[:, 2], stored[:, 0] * 2)
 
 
 def test_frozen_parameters_get_no_update():
@@ -306,3 +310,16 @@ def test_load_pretrained_places_weights_and_names_bad_ones(monkeypatch):
   monkeypatch.setattr(models, "pretrained_leaves", lambda _: {("no_such", "kernel"): kernel})
   with pytest.raises(ValueError, match="no_such/kernel"):
     trainer.load_pretrained({"params": restored.params}, config)
+
+
+def test_a_queue_of_encoder_outputs_gives_the_same_loss_as_re_encoding():
+  model = models.build_model(_tiny_align_config(), SPEC, rngs=nnx.Rngs(1))
+  rng = np.random.default_rng(6)
+  batch = {"image": jnp.asarray(_images(4, 16, seed=6)),
+           "latlng": jnp.asarray(rng.uniform(-60, 60, (4, 2)), jnp.float32)}
+  past = jnp.asarray(rng.uniform(-60, 60, (5, 2)), jnp.float32)
+  raw = align.push_queue(align.init_queue(8), past)
+  stored = align.push_queue(align.init_queue(8, encoded_dim=12), past, encoded=model.location(past))
+  loss_raw, _ = align.contrastive_loss(model, batch, raw)
+  loss_stored, _ = align.contrastive_loss(model, batch, stored)
+  np.testing.assert_allclose(float(loss_stored), float(loss_raw), rtol=1e-6)

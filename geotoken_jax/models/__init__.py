@@ -24,6 +24,9 @@ The vocabulary:
 Biases and LayerNorm scales / offsets are named after the axis they run along
 ("embed", "mlp", ("heads", "kv"), "vocab").
 
+Geo-alignment models (image tower + location tower, InfoNCE; geotoken_jax.models.align) are
+built by the same build_model from `align_config(preset)`, whose `architecture` is "align".
+
 Configuration (`model_config(preset)` returns an ml_collections.ConfigDict):
   encoder            "features" (the paper's), "vit" or "clip"
   d_model, num_heads, ff_dim          decoder (and feature encoder) width / heads / FF hidden

@@ -224,13 +224,18 @@ def info_nce(a: jax.Array, b: jax.Array, logit_scale: jax.Array, *, extra_b: jax
   return loss, {"accuracy": jnp.sum(hits) / count}
 
 
-def init_queue(size: int) -> dict[str, jax.Array]:
-  """An empty FIFO of past GPS: latlng [size, 2], filled [size] bool (newest at row 0)."""
-  return {"latlng": jnp.zeros((size, 2), jnp.float32), "filled": jnp.zeros((size,), jnp.bool_)}
+def init_queue(size: int, encoded_dim: int = 0) -> dict[str, jax.Array]:
+  """An empty FIFO of past GPS: latlng [size, 2], filled [size] bool (newest at row 0), and
+  with encoded_dim > 0 their location-encoder outputs [size, encoded_dim]: when the encoder
+  is frozen they never change, so they are stored instead of re-encoded every step."""
+  queue = {"latlng": jnp.zeros((size, 2), jnp.float32), "filled": jnp.zeros((size,), jnp.bool_)}
+  if encoded_dim:
+    queue["encoded"] = jnp.zeros((size, encoded_dim), jnp.float32)
+  return queue
 
 
-def push_queue(queue: dict[str, jax.Array], latlng: jax.Array, mask: jax.Array | None = None
-               ) -> dict[str, jax.Array]:
+def push_queue(queue: dict[str, jax.Array], latlng: jax.Array, mask: jax.Array | None = None,
+               encoded: jax.Array | None = None) -> dict[str, jax.Array]:
   """The batch's coordinates enter at the front (in batch order), the oldest leave at the back.
 
   Masked rows (padding) are not enqueued.  A batch larger than the queue keeps its
@@ -248,7 +253,12 @@ def push_queue(queue: dict[str, jax.Array], latlng: jax.Array, mask: jax.Array |
   # Skip the batch's masked rows (positions kept .. batch - 1), then truncate.
   rows = jnp.arange(size)
   source = jnp.where(rows < kept, rows, rows + (batch - kept))
-  return {"latlng": latlng[source], "filled": filled[source]}
+  out = {"latlng": latlng[source], "filled": filled[source]}
+  if "encoded" in queue:
+    if encoded is None:
+      raise ValueError("this queue stores encoder outputs: pass the batch's `encoded`")
+    out["encoded"] = jnp.concatenate([encoded.astype(jnp.float32)[order], queue["encoded"]], axis=0)[source]
+  return out
 
 
 def contrastive_loss(model: GeoAlignModel, batch: Mapping[str, jax.Array], queue: dict | None
@@ -260,7 +270,10 @@ def contrastive_loss(model: GeoAlignModel, batch: Mapping[str, jax.Array], queue
   latlng = batch["latlng"].astype(jnp.float32)
   mask = batch.get("mask")
   batch_size = latlng.shape[0]
-  if queue is not None and queue["latlng"].shape[0]:
+  if queue is not None and "encoded" in queue:  # a frozen encoder: only the head runs on the queue
+    head = (lambda x: x) if model.location_head is None else model.location_head  # noqa: E731
+    loc_batch, loc_queue, queue_valid = model.locate(latlng), head(queue["encoded"]), queue["filled"]
+  elif queue is not None and queue["latlng"].shape[0]:
     located = model.locate(jnp.concatenate([latlng, queue["latlng"]], axis=0))
     loc_batch, loc_queue, queue_valid = located[:batch_size], located[batch_size:], queue["filled"]
   else:
