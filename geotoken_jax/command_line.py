@@ -25,6 +25,13 @@ WORKDIR = flags.DEFINE_string("workdir", None, "the run's folder (local, gs://, 
 STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: the newest that restores)")
 STRATEGIES = flags.DEFINE_string("strategies", None, "comma-separated inference strategies, e.g. "
                                  "greedy,beam:5,sample:30:0.7:medoid (default: the config's)")
+SPLIT = flags.DEFINE_string("split", None, "split to read (default: the config's test_split); DATASET:SPLIT for a "
+                            "prepared data set, e.g. yfcc4k:test")
+BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "global images per batch (predict: 32; embed: the config's "
+                                  "evaluate.batch_size)")
+OUTPUT = flags.DEFINE_string("output", None, "predict: the predictions file (.jsonl or .csv); embed: the embedding "
+                             "directory (local or a URL)")
+LIMIT = flags.DEFINE_integer("limit", 0, "only the first N images (0 = all)")
 ALIGNMENT_WORKDIR = flags.DEFINE_string("alignment_workdir", None, "an alignment model's workdir for gallery:K "
                                         "and the similarity / fused rules (default evaluate.alignment_workdir)")
 OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "where results go (local or a URL)")

@@ -20,12 +20,7 @@ from absl import flags
 
 from geotoken_jax import command_line as cl
 
-_SPLIT = flags.DEFINE_string("split", None, "split to embed (default: the config's test_split); "
-                             "DATASET:SPLIT for a prepared data set")
-_OUTPUT = flags.DEFINE_string("output", None, "the embedding directory (local or a URL)")
 _DTYPE = flags.DEFINE_enum("dtype", "float16", ["float16", "float32"], "stored embedding dtype")
-_BATCH = flags.DEFINE_integer("batch_size", None, "global images per batch (default evaluate.batch_size)")
-_LIMIT = flags.DEFINE_integer("limit", 0, "embed only the first N images (0 = all)")
 _SHARD_ROWS = flags.DEFINE_integer("shard_rows", 65536, "records per stored shard")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "replace an output written with other settings")
 
@@ -34,10 +29,10 @@ def main(argv: Sequence[str]) -> int:
   if len(argv) > 1:
     print(f"error: unexpected arguments {list(argv[1:])}", file=sys.stderr)
     return 2
-  if not cl.WORKDIR.value or not _OUTPUT.value:
+  if not cl.WORKDIR.value or not cl.OUTPUT.value:
     print("error: --workdir and --output are required", file=sys.stderr)
     return 2
-  if bool(cl.CSV.value) != bool(cl.IMAGE_DIR.value) or (cl.CSV.value and _SPLIT.value):
+  if bool(cl.CSV.value) != bool(cl.IMAGE_DIR.value) or (cl.CSV.value and cl.SPLIT.value):
     print("error: give --split, or --csv with --image_dir", file=sys.stderr)
     return 2
   cl.quiet_logs()
@@ -51,15 +46,15 @@ def main(argv: Sequence[str]) -> int:
     if cl.DATA_DIR.value:
       config.data.data_dir = cl.DATA_DIR.value
     source, label = cl.folder_source(config, cl.WORKDIR.value) if cl.CSV.value else (None, None)
-    manifest = inference.run_embedding(cl.WORKDIR.value, _OUTPUT.value, split=_SPLIT.value, source=source,
-                                       split_label=label, step=cl.STEP.value, batch_size=_BATCH.value,
-                                       dtype=_DTYPE.value, limit=_LIMIT.value, overwrite=_OVERWRITE.value,
+    manifest = inference.run_embedding(cl.WORKDIR.value, cl.OUTPUT.value, split=cl.SPLIT.value, source=source,
+                                       split_label=label, step=cl.STEP.value, batch_size=cl.BATCH_SIZE.value,
+                                       dtype=_DTYPE.value, limit=cl.LIMIT.value, overwrite=_OVERWRITE.value,
                                        shard_rows=_SHARD_ROWS.value)
   except (ValueError, FileNotFoundError, checkpoint.CheckpointRestoreError, embeddings.SettingsMismatchError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   if jax.process_index() == 0:
-    summary = {"output": _OUTPUT.value, "records": manifest["num_records"],
+    summary = {"output": cl.OUTPUT.value, "records": manifest["num_records"],
                "fields": {k: v["dim"] for k, v in manifest["fields"].items()},
                "timings": manifest.get("timings", [])[-1:]}
     print(json.dumps(summary), flush=True)

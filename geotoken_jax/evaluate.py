@@ -24,9 +24,6 @@ import ml_collections
 from absl import flags
 from geotoken_jax import command_line as cl
 
-_SPLIT = flags.DEFINE_string("split", None, "split to evaluate (default: the config's test_split); "
-                             "DATASET:SPLIT for a prepared data set, e.g. yfcc4k:test")
-_LIMIT = flags.DEFINE_integer("limit", 0, "evaluate only the first N images (0 = all)")
 _PLOTS = flags.DEFINE_bool("plots", True, "write the CDF and world-map plots")
 
 
@@ -40,7 +37,7 @@ def main(argv: Sequence[str]) -> int:
   if bool(cl.CSV.value) != bool(cl.IMAGE_DIR.value):
     print("error: --csv and --image_dir go together", file=sys.stderr)
     return 2
-  if cl.CSV.value and _SPLIT.value:
+  if cl.CSV.value and cl.SPLIT.value:
     print("error: give --split or --csv/--image_dir, not both", file=sys.stderr)
     return 2
   cl.quiet_logs()
@@ -59,9 +56,9 @@ def main(argv: Sequence[str]) -> int:
       if cl.SEED.value is not None:
         config.evaluate.seed = cl.SEED.value
     source, label = cl.folder_source(config, workdir) if cl.CSV.value else (None, None)
-    result = inference.run_evaluation(config, workdir, strategy_text=cl.STRATEGIES.value, split=_SPLIT.value,
+    result = inference.run_evaluation(config, workdir, strategy_text=cl.STRATEGIES.value, split=cl.SPLIT.value,
                                       source=source, split_label=label, step=cl.STEP.value,
-                                      output_dir=cl.OUTPUT_DIR.value, limit=_LIMIT.value, make_plots=_PLOTS.value,
+                                      output_dir=cl.OUTPUT_DIR.value, limit=cl.LIMIT.value, make_plots=_PLOTS.value,
                                       alignment_workdir=cl.ALIGNMENT_WORKDIR.value)
   except (ValueError, FileNotFoundError, checkpoint.CheckpointRestoreError) as e:
     print(f"error: {e}", file=sys.stderr)

@@ -28,9 +28,7 @@ from geotoken_jax import command_line as cl
 
 _STRATEGY = flags.DEFINE_string("strategy", "beam:5", "e.g. beam:5, greedy, sample:30:0.7:medoid")
 _TOP_K = flags.DEFINE_integer("top_k", 5, "candidate cells per image")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "images per batch")
 _FILE_LIST = flags.DEFINE_string("file_list", None, "a text file with one image path per line")
-_OUTPUT = flags.DEFINE_string("output", None, "write predictions here: .jsonl or .csv")
 _GEOJSON = flags.DEFINE_string("geojson", None, "write the candidate cells as GeoJSON here")
 
 _CSV_FIELDS = ("image", "rank", "lat", "lon", "probability", "s2_token", "tokens", "level")
@@ -43,10 +41,10 @@ def main(argv: Sequence[str]) -> int:
   if not cl.WORKDIR.value or not inputs:
     print("error: give --workdir and image files, folders or --file_list", file=sys.stderr)
     return 2
-  if _TOP_K.value < 1 or _BATCH_SIZE.value < 1:
+  if _TOP_K.value < 1 or (cl.BATCH_SIZE.value or 32) < 1:
     print("error: --top_k and --batch_size must be >= 1", file=sys.stderr)
     return 2
-  if _OUTPUT.value and not _OUTPUT.value.endswith((".jsonl", ".csv")):
+  if cl.OUTPUT.value and not cl.OUTPUT.value.endswith((".jsonl", ".csv")):
     print("error: --output must end in .jsonl or .csv", file=sys.stderr)
     return 2
   cl.quiet_logs()
@@ -62,14 +60,14 @@ def main(argv: Sequence[str]) -> int:
       print(f"error: no image files in {inputs}", file=sys.stderr)
       return 2
     predictions = inference.predict_files(
-        restored, paths, strategy_text=_STRATEGY.value, top_k=_TOP_K.value, batch_size=_BATCH_SIZE.value,
+        restored, paths, strategy_text=_STRATEGY.value, top_k=_TOP_K.value, batch_size=(cl.BATCH_SIZE.value or 32),
         seed=cl.SEED.value or 0, cache_dir=epath.Path(cl.WORKDIR.value) / "cache" / "tries",
         alignment_workdir=cl.ALIGNMENT_WORKDIR.value)
     print(f"checkpoint step {restored.step}, strategy {_STRATEGY.value}, {len(paths)} image(s)", flush=True)
     failed, kept = [], []
-    out_file = epath.Path(_OUTPUT.value).open("w") if _OUTPUT.value else None
+    out_file = epath.Path(cl.OUTPUT.value).open("w") if cl.OUTPUT.value else None
     writer = None
-    if out_file is not None and _OUTPUT.value.endswith(".csv"):
+    if out_file is not None and cl.OUTPUT.value.endswith(".csv"):
       writer = csv.DictWriter(out_file, fieldnames=_CSV_FIELDS)
       writer.writeheader()
     try:

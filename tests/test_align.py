@@ -112,6 +112,14 @@ def _restored(model_config, seed, mesh):
   return inference.RestoredModel(config, SPEC, graphdef, params, shardings, mesh, 0)
 
 
+def _jitted(model):
+  """Jitted embed / locate of a model (eager NNX calls dispatch op by op: slow)."""
+  graphdef, state = nnx.split(model)
+  embed = jax.jit(lambda st, images: nnx.merge(graphdef, st).embed({"image": images}))
+  locate = jax.jit(lambda st, points: nnx.merge(graphdef, st).locate(points))
+  return (lambda images: embed(state, jnp.asarray(images))), (lambda points: locate(state, jnp.asarray(points)))
+
+
 def _images(n, size, seed=0):
   return np.random.default_rng(seed).integers(0, 256, size=(n, size, size, 3), dtype=np.uint8)
 
@@ -132,8 +140,9 @@ def test_gallery_strategy_is_the_brute_force_top_k():
   out = jax.tree.map(np.asarray, predictor(batch))
 
   model = nnx.merge(aligner.graphdef, aligner.params)
-  query = _normalize64(model.embed({"image": jnp.asarray(images)})["loc_head"])
-  locations = _normalize64(model.locate(jnp.asarray(latlng)))
+  embed, locate = _jitted(model)
+  query = _normalize64(embed(images)["loc_head"])
+  locations = _normalize64(locate(latlng))
   logits = float(model.logit_scale()) * query @ locations.T  # [8, 300] float64
   order = np.argsort(-logits, axis=1, kind="stable")
   np.testing.assert_allclose(out["gallery:4"]["predicted"], latlng[order[:, 0]], atol=0)
@@ -160,9 +169,9 @@ def test_similarity_and_fused_rules_pick_the_brute_force_best():
   geotoken.update(d_model=32, num_heads=2, ff_dim=64, decoder_layers=1)
   decoder = _restored(geotoken, 7, mesh)
   weight = 0.5
-  wanted = strategies.parse_strategies("sample:12:1.5:logprob,sample:12:1.5:similarity,sample:12:1.5:fused", SPEC)
+  wanted = strategies.parse_strategies("sample:8:1.5:logprob,sample:8:1.5:similarity,sample:8:1.5:fused", SPEC)
   predictor = inference.Predictor(decoder.graphdef, decoder.params, decoder.param_shardings, mesh, SPEC, wanted,
-                                  num_candidates=12, aligner=aligner, fused_weight=weight)
+                                  num_candidates=8, aligner=aligner, fused_weight=weight)
   images = _images(4, 16, seed=3)
   batch = sharding.make_global_batch({"image": images, "index": np.arange(4, dtype=np.int32)}, mesh)
   out = jax.tree.map(np.asarray, predictor(batch))
@@ -170,24 +179,25 @@ def test_similarity_and_fused_rules_pick_the_brute_force_best():
   # The pool, with its log-probabilities, from the candidates of the logprob rule (all
   # distinct samples ranked by log-probability).
   model = nnx.merge(aligner.graphdef, aligner.params)
-  query = _normalize64(model.embed({"image": jnp.asarray(images)})["loc_head"])
+  embed, locate = _jitted(model)
+  query = _normalize64(embed(images)["loc_head"])
   scale = float(model.logit_scale())
-  base = out["sample:12:1.5:logprob"]
+  base = out["sample:8:1.5:logprob"]
   for i in range(4):
     keep = base["candidate_prob"][i] > 0
     points = base["candidate_latlng"][i][keep]
-    cos = _normalize64(model.locate(jnp.asarray(points))) @ query[i]
+    cos = _normalize64(locate(points)) @ query[i]
     log_prob = np.log(base["candidate_prob"][i][keep])  # up to a per-image constant
-    np.testing.assert_array_equal(out["sample:12:1.5:similarity"]["predicted"][i], points[np.argmax(cos)])
-    np.testing.assert_array_equal(out["sample:12:1.5:fused"]["predicted"][i],
+    np.testing.assert_array_equal(out["sample:8:1.5:similarity"]["predicted"][i], points[np.argmax(cos)])
+    np.testing.assert_array_equal(out["sample:8:1.5:fused"]["predicted"][i],
                                   points[np.argmax(log_prob + weight * scale * cos)])
   with pytest.raises(ValueError, match="need an alignment model"):
     inference.Predictor(decoder.graphdef, decoder.params, decoder.param_shardings, mesh, SPEC, wanted[1:])
 
 
 def _align_train_args(workdir, *extra):
-  return ["train", "--config=configs/earth.py:align_smoke", f"--workdir={workdir}", "--config.num_steps=6",
-          "--config.checkpoint_every_steps=3", "--config.data.eval_limit=32", *extra]
+  return ["train", "--config=configs/earth.py:align_smoke", f"--workdir={workdir}", "--config.num_steps=4",
+          "--config.checkpoint_every_steps=2", "--config.data.eval_limit=16", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -197,14 +207,14 @@ def align_runs(tmp_path_factory):
   straight = tmp_path_factory.mktemp("align_straight")
   assert command_line.call(train.main, _align_train_args(straight)) == 0
   resumed = tmp_path_factory.mktemp("align_resumed")
-  assert command_line.call(train.main, _align_train_args(resumed, "--config.stop_after_steps=3")) == 143
+  assert command_line.call(train.main, _align_train_args(resumed, "--config.stop_after_steps=2")) == 143
   assert command_line.call(train.main, _align_train_args(resumed)) == 0
   return straight, resumed
 
 
 def test_alignment_training_resumes_exactly_and_keeps_the_encoder_frozen(align_runs):
   straight, resumed = (inference.restore_model(w) for w in align_runs)
-  assert straight.step == resumed.step == 6
+  assert straight.step == resumed.step == 4
   jax.tree.map(np.testing.assert_array_equal, straight.params, resumed.params)
   # The location encoder was frozen (optim.frozen): it still holds its initialization.
   fresh = nnx.state(models.build_model(straight.config.model, SPEC, rngs=nnx.Rngs(straight.config.seed)), nnx.Param)
@@ -218,7 +228,7 @@ def test_alignment_model_evaluates_with_gallery_strategies(align_runs, tmp_path)
   result = inference.run_evaluation(None, align_runs[0], output_dir=tmp_path / "eval", make_plots=False)
   assert set(result["results"]) == {"gallery:1", "gallery:5:medoid"}
   for row in result["results"].values():
-    assert row["images"] == 32
+    assert row["images"] == 16
   # The trainer's final test row (its own validation path) equals the evaluation job's.
   trained = json.loads((align_runs[0] / "results.json").read_text())["test"]
   for key in ("acc@1km", "acc@25km", "acc@200km", "acc@750km", "acc@2500km", "median_km"):
@@ -235,16 +245,16 @@ def test_embed_command_stores_what_the_model_computes(align_runs, tmp_path):
 
   workdir = align_runs[0]
   output = tmp_path / "emb"
-  argv = ["embed", f"--workdir={workdir}", "--split=test", f"--output={output}", "--dtype=float32", "--limit=40",
-          "--shard_rows=16", "--batch_size=16"]
+  argv = ["embed", f"--workdir={workdir}", "--split=test", f"--output={output}", "--dtype=float32", "--limit=14",
+          "--shard_rows=5", "--batch_size=8"]
   assert command_line.call(embed.main, argv) == 0
   stored = embeddings.open_embeddings(output, verify=True)
-  assert stored.num_records == 40 and set(stored.fields) == {"image", "loc_head"}
+  assert stored.num_records == 14 and set(stored.fields) == {"image", "loc_head"}
   restored = inference.restore_model(workdir)
   source = data.get_source(restored.config.data, "test", SPEC)
-  rows = data.load_rows(source, np.arange(40))
+  rows = data.load_rows(source, np.arange(14))
   model = nnx.merge(restored.graphdef, restored.params)
-  expected = model.embed({"image": jnp.asarray(rows["image"])})
+  expected = _jitted(model)[0](rows["image"])
   for name in ("image", "loc_head"):
     np.testing.assert_allclose(stored.field(name), np.asarray(expected[name]), rtol=1e-5, atol=1e-6)
   np.testing.assert_array_equal(stored.latlng, rows["latlng"])
@@ -263,9 +273,10 @@ def test_text_head_adds_its_own_symmetric_term():
   batch = {"image": jnp.asarray(_images(5, 16, seed=4)),
            "latlng": jnp.asarray(rng.uniform(-60, 60, (5, 2)), jnp.float32),
            "text_features": jnp.asarray(rng.normal(size=(5, 6)), jnp.float32)}
-  loss, aux = align.contrastive_loss(model, batch, None)
-  embedded = model.embed(batch)
-  gps = _info_nce64(embedded["loc_head"], model.locate(batch["latlng"]), float(model.logit_scale()),
+  graphdef, state = nnx.split(model)
+  loss, aux = jax.jit(lambda st, b: align.contrastive_loss(nnx.merge(graphdef, st), b, None))(state, batch)
+  embedded = jax.jit(lambda st, b: nnx.merge(graphdef, st).embed(b))(state, batch)
+  gps = _info_nce64(embedded["loc_head"], _jitted(model)[1](batch["latlng"]), float(model.logit_scale()),
                     np.ones((1, cfg.embed_dim)), np.zeros(1, bool), np.ones(5, bool))
   text_scale = float(jnp.exp(model.text_logit_scale[...]))
   text = _info_nce64(embedded["text_head"], batch["text_features"], text_scale, np.ones((1, 6)), np.zeros(1, bool),
@@ -320,6 +331,7 @@ def test_a_queue_of_encoder_outputs_gives_the_same_loss_as_re_encoding():
   past = jnp.asarray(rng.uniform(-60, 60, (5, 2)), jnp.float32)
   raw = align.push_queue(align.init_queue(8), past)
   stored = align.push_queue(align.init_queue(8, encoded_dim=12), past, encoded=model.location(past))
-  loss_raw, _ = align.contrastive_loss(model, batch, raw)
-  loss_stored, _ = align.contrastive_loss(model, batch, stored)
+  graphdef, state = nnx.split(model)
+  loss = jax.jit(lambda st, b, q: align.contrastive_loss(nnx.merge(graphdef, st), b, q)[0])
+  loss_raw, loss_stored = loss(state, batch, raw), loss(state, batch, stored)
   np.testing.assert_allclose(float(loss_stored), float(loss_raw), rtol=1e-6)

@@ -431,7 +431,7 @@ def test_strategy_round_trip(text):
 @pytest.mark.parametrize("text,match", [
     ("beam", "needs a width"), ("beam:0", ">= 1"), ("sample:30:0.7:best", "unknown selection"),
     ("nucleus:3", "unknown strategy"), ("greedy:top_k=3", "sampling only"), ("sample:x", "bad strategy"),
-    ("sample:4:1:logprob:extra", "too many"), ("sample:4:1:trie_level=7", "multiple of"),
+    ("sample:4:1:logprob:extra", "too many"), ("sample:4:1:trie:trie_level=7", "multiple of"), ("sample:4:1:trie_level=4", "needs trie"),
     ("beam:5:what=1", "unknown option")])
 def test_strategy_errors(text, match):
   with pytest.raises(ValueError, match=match):

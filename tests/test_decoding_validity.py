@@ -19,7 +19,10 @@ from flax import nnx
 
 from geotoken_jax import decoding, models, s2
 from geotoken_jax.decoding import strategies
-from geotoken_jax.decoding.selection import SELECTION_RULES, select, top_candidates
+from geotoken_jax.decoding.selection import SCORE_RULES, SELECTION_RULES, select, top_candidates
+
+# Rules that read only the pool (the score rules need an alignment model's similarities).
+POOL_RULES = tuple(r for r in SELECTION_RULES if r not in SCORE_RULES)
 from geotoken_jax.s2 import jax_ops
 
 SPEC = s2.TokenSpec(level=2, group_size=1)  # 3 positions, vocab (6, 4, 4): 96 sequences
@@ -194,7 +197,7 @@ def test_decode_pool_clamps_beam_width_to_the_trie():
     assert [tuple(t) for t in pool["tokens"][b]] == [k for k, _ in expected[b]]
     np.testing.assert_allclose(pool["log_prob"][b], [s for _, s in expected[b]], atol=1e-4)
     assert (pool["tokens"][b, :, 0] < 6).all()
-  for rule in SELECTION_RULES:
+  for rule in POOL_RULES:
     chosen = {k: np.asarray(v) for k, v in strategies.choose(pool, rule, 5).items()}
     for b in range(4):
       cells = {tuple(t) for t in pool["tokens"][b]}
@@ -286,18 +289,22 @@ def random_pools(seed, batch=40, n=9):
 @pytest.mark.parametrize("rule", SELECTION_RULES)
 def test_rules_ignore_invalid_entries(rule):
   tokens, log_probs, latlng, valid = random_pools(seed=SELECTION_RULES.index(rule))
-  got = select(rule, jnp.asarray(tokens), jnp.asarray(log_probs), jnp.asarray(latlng), jnp.asarray(valid))
+  # The score rules rank by a per-candidate score (an alignment model's): random here, and
+  # highest on invalid entries so that ignoring validity would show.
+  scores = np.random.default_rng(7).normal(size=log_probs.shape).astype(np.float32) + np.where(valid, 0, 10)
+  scores = jnp.asarray(scores) if rule in SCORE_RULES else None
+  got = select(rule, jnp.asarray(tokens), jnp.asarray(log_probs), jnp.asarray(latlng), jnp.asarray(valid), scores)
   index, point = np.asarray(got.index), np.asarray(got.latlng)
   assert np.isfinite(point).all()
   for b in range(tokens.shape[0]):
     keep = np.flatnonzero(valid[b])
     ref = select(rule, jnp.asarray(tokens[b:b + 1, keep]), jnp.asarray(log_probs[b:b + 1, keep]),
-                 jnp.asarray(latlng[b:b + 1, keep]))
+                 jnp.asarray(latlng[b:b + 1, keep]), None, None if scores is None else scores[b:b + 1, keep])
     ref_index = int(ref.index[0])
     assert index[b] == (keep[ref_index] if ref_index >= 0 else -1)
     np.testing.assert_allclose(point[b], np.asarray(ref.latlng[0]), atol=1e-3)
   # Unmasked, the same pools go wrong (so masking is what the test checks).
-  bad = select(rule, jnp.asarray(tokens), jnp.asarray(log_probs), jnp.asarray(latlng))
+  bad = select(rule, jnp.asarray(tokens), jnp.asarray(log_probs), jnp.asarray(latlng), None, scores)
   bad_index, bad_point = np.asarray(bad.index), np.asarray(bad.latlng)
   picked_invalid = (bad_index >= 0) & ~valid[np.arange(len(bad_index)), np.maximum(bad_index, 0)]
   assert picked_invalid.any() or not np.isfinite(bad_point).all()
@@ -327,7 +334,7 @@ def test_choose_uses_the_pool_validity():
   tokens, log_probs, latlng, valid = random_pools(seed=4, batch=6)
   pool = {"tokens": jnp.asarray(tokens), "log_prob": jnp.asarray(log_probs), "latlng": jnp.asarray(latlng),
           "valid": jnp.asarray(valid)}
-  for rule in SELECTION_RULES:
+  for rule in POOL_RULES:
     out = strategies.choose(pool, rule, 4)
     expected = select(rule, pool["tokens"], pool["log_prob"], pool["latlng"], pool["valid"])
     np.testing.assert_array_equal(out["chosen"], expected.index)
