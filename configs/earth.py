@@ -14,8 +14,9 @@ from geotoken_jax import models, sharding
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   variant = arg or "default"
-  if variant not in ("default", "smoke", "align", "align_smoke"):
-    raise ValueError(f"unknown variant {variant!r}: use configs/earth.py[:smoke|:align|:align_smoke]")
+  if variant not in ("default", "smoke", "align", "align_smoke", "retrieval", "retrieval_smoke"):
+    raise ValueError(f"unknown variant {variant!r}: use configs/earth.py[:smoke|:align|:align_smoke|"
+                     ":retrieval|:retrieval_smoke]")
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.tokens = ml_collections.ConfigDict({"level": 20, "group_size": 2})
@@ -78,6 +79,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   if variant.startswith("align"):
     _align(config, smoke=variant == "align_smoke")
+  if variant.startswith("retrieval"):
+    _retrieval(config, smoke=variant == "retrieval_smoke")
   if variant == "smoke":
     config.model.vit.depth = 1
     config.model.decoder_layers = 1
@@ -123,3 +126,52 @@ def _align(config: ml_collections.ConfigDict, smoke: bool) -> None:
     config.checkpoint_every_steps = 6
     config.eval_batch_size = 32
     config.evaluate.update(strategies="gallery:1,gallery:5:medoid", batch_size=32, gallery_limit=500)
+
+
+def _retrieval(config: ml_collections.ConfigDict, smoke: bool) -> None:
+  """The retrieval-augmented GeoToken of the earth benchmark, as one recipe (geotoken_jax.recipe):
+  the alignment model (the :align variant) -> embeddings of every split -> each split's
+  neighbours in the training split (self, duplicates and the query's own level-6 cell
+  excluded: the held-out splits are whole level-6 cells) -> the paper's feature encoder over
+  the query's and K neighbours' (image, loc_head) embeddings and the neighbours' S2 tokens ->
+  evaluation beside the kNN rows.  Everything lives in the one workdir.
+  """
+  config.recipe = ml_collections.ConfigDict({
+      "alignment": get_config("align_smoke" if smoke else "align"),
+      "splits": ("train", "validation", "test"),
+      "embedding_dtype": "float16",
+      "embed_batch_size": 256,
+      # A non-retrieval GeoToken run (e.g. workdirs/earth) evaluated into the same table.
+      "baseline_workdir": "",
+      "baseline_strategies": "greedy",
+  })
+  k = 10
+  config.retrieval = ml_collections.ConfigDict({
+      "k": k, "alignment_workdir": "align", "embeddings": "embeddings", "neighbors": "neighbors",
+      "gallery": "train", "fields": ("image", "loc_head"),
+      "search_k": 2 * k, "dtype": "float32", "chunk_rows": 32768, "query_batch": 1024, "margin": 16,
+      "block_rows": 65536, "same_id": True, "duplicate_km": 1.0, "duplicate_similarity": 0.95,
+      "group": "s2_cell:6",  # the held-out splits are whole level-6 cells: so are training lists
+      "dropout": 0.1, "shuffle": False,
+  })
+  config.model = models.model_config("paper_modern")
+  config.model.update(d_model=128, num_heads=4, ff_dim=512, encoder_layers=2, decoder_layers=3, dropout=0.0)
+  config.model.features.update(num_neighbors=k, num_features=2, feature_dim=256)
+  config.num_epochs = 2
+  config.optim.update(learning_rate=1e-3, warmup_steps=100)
+  config.eval_every_steps = 0
+  config.evaluate.update(strategies=("greedy,beam:5,sample:30:0.7:medoid,sample:30:0.7:vote,"
+                                     f"knn:1,knn:{k}:medoid,knn:{k}:vote,knn:{k}:wvote"))
+  if smoke:  # a fixture-sized run of every stage (tests): 2,000 training rows
+    config.recipe.alignment.data.train_limit = 2000
+    config.data.train_limit = 2000
+    config.data.eval_limit = 64
+    config.retrieval.update(group="", chunk_rows=512, query_batch=256, block_rows=1024)
+    config.model.update(d_model=32, num_heads=2, ff_dim=64, encoder_layers=1, decoder_layers=1)
+    config.batch_size = 16
+    config.num_steps = 12
+    config.optim.warmup_steps = 2
+    config.log_every_steps = 4
+    config.checkpoint_every_steps = 6
+    config.eval_batch_size = 32
+    config.evaluate.update(strategies=f"greedy,beam:3,knn:1,knn:{k}:medoid,knn:{k}:wvote", batch_size=32)

@@ -4,6 +4,7 @@
   geotoken evaluate  --workdir W [--strategies ...] [--csv F --image_dir D]
   geotoken predict   --workdir W photos/ ...
   geotoken embed     --workdir ALIGN_W --split train --output DIR
+  geotoken index     --embeddings ROOT --gallery train --queries train,test -k 32 --output DIR
   geotoken prepare   --dataset im2gps3k --manual_dir M --data_dir D
   geotoken tokenize  --input coords.csv --output tokens.npy
   geotoken bench     {s2,train,decode,prepare,embed} ...
@@ -22,6 +23,7 @@ COMMANDS = {
     "evaluate": ("geotoken_jax.evaluate", True),
     "predict": ("geotoken_jax.predict", True),
     "embed": ("geotoken_jax.embed", True),
+    "index": ("geotoken_jax.index", True),
     "prepare": ("geotoken_jax.data.prepare", False),
     "tokenize": ("geotoken_jax.tokenize", False),
     "bench": ("geotoken_jax.bench.__main__", False),

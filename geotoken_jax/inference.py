@@ -15,6 +15,10 @@
                               predictions files (resumable), tables and plots
   predict_files               top-k cells of image files of any number, streamed
                               in batches, unreadable files reported, not fatal
+  OnlineRetrieval             a retrieval-augmented run's neighbours for images the
+                              index job never saw: the run's aligner embeds them,
+                              its gallery is searched (retrieval.search), inside
+                              evaluation and prediction
 
 The trainer's periodic validation, its final test, the evaluation job and the
 predict command all decode through Predictor, so they cannot disagree on one
@@ -64,6 +68,8 @@ EVALUATE_DEFAULTS = ml_collections.ConfigDict({
     "gallery": "train",
     "gallery_limit": 0,  # > 0: an evenly spaced subset of this many gallery locations
     "fused_weight": 1.0,  # fused = log-probability + w * the alignment model's similarity logit
+    # knn:K's pool log-probabilities: log-softmax(neighbour score / T) (scores are mean cosines).
+    "knn_temperature": 0.05,
 })
 
 
@@ -372,7 +378,7 @@ class Predictor:
                wanted: Sequence[Strategy], *, num_candidates: int = 5, seed: int = 0,
                tries: Mapping[str, decoding.CellTrie] | None = None, loss_weights=None,
                is_aligner: bool = False, aligner: "RestoredModel | None" = None, gallery: Gallery | None = None,
-               fused_weight: float = 1.0):
+               fused_weight: float = 1.0, knn_temperature: float = 0.05):
     self.mesh, self.spec = mesh, spec
     self.params = params
     self.strategies = list(wanted)
@@ -396,6 +402,10 @@ class Predictor:
     weights = None if loss_weights is None else jnp.asarray(loss_weights, jnp.float32)
     groups, k, fused_weight = self.groups, int(num_candidates), float(fused_weight)
     needs_query = bool(aligned)
+    if not knn_temperature > 0:
+      raise ValueError(f"evaluate.knn_temperature must be > 0, got {knn_temperature}")
+    knn_temperature = float(knn_temperature)
+    decoded = any(g.pool.kind in ("greedy", "beam", "sample") for g in groups)
 
     def predict(params, batch, tries, aligner_params, gallery_arrays):
       model = nnx.merge(graphdef, params)
@@ -409,7 +419,7 @@ class Predictor:
           cos = align_model.similarity(query, align_model.locate(batch["latlng"].astype(jnp.float32)))
           logits = scale * jnp.where(batch["mask"][None, :], cos, -jnp.inf) if "mask" in batch else scale * cos
           out["loss"] = jax.nn.logsumexp(logits, axis=1) - jnp.diagonal(logits)
-      else:
+      elif decoded or with_loss:
         memory = model.encode(batch, deterministic=True)  # once per image, for every strategy
         if with_loss:
           logits = model.decode(memory, batch["tokens"], deterministic=True)
@@ -418,6 +428,8 @@ class Predictor:
       for group in groups:
         if group.pool.kind == "gallery":
           pool = gallery_pool(query, scale, gallery_arrays, group.pool.num_samples)
+        elif group.pool.kind == "knn":  # retrieval alone: the batch's own neighbours
+          pool = strategies.knn_pool(batch, group.pool.num_samples, knn_temperature)
         else:
           trie = tries.get(trie_key(group.pool, spec)) if group.pool.trie_min_count else None
           pool = strategies.decode_pool(model, memory, group.pool, keys, trie)
@@ -470,7 +482,8 @@ class Predictor:
     weight = float(evaluate_config(config).fused_weight if fused_weight is None else fused_weight)
     return cls(restored.graphdef, restored.params, restored.param_shardings, restored.mesh, restored.spec,
                wanted, num_candidates=num_candidates, seed=seed, tries=tries, is_aligner=is_aligner,
-               aligner=aligner, gallery=gallery_data, fused_weight=weight)
+               aligner=aligner, gallery=gallery_data, fused_weight=weight,
+               knn_temperature=float(evaluate_config(config).knn_temperature))
 
   def refresh_gallery(self, params) -> None:
     """Re-embeds the gallery with `params` (an alignment model's own validation while it trains)."""
@@ -529,7 +542,7 @@ def _host_field(source, local: dict, key: str, index: np.ndarray, process_count:
 
 
 def predict_batches(predictor: Predictor, source, *, global_batch_size: int, start_batch: int = 0,
-                    params=None, text_fields: Sequence[str] = ("id", "country")
+                    params=None, text_fields: Sequence[str] = ("id", "country"), transform=None
                     ) -> Iterator[tuple[int, dict, dict]]:
   """(batch number, gathered host fields, gathered predictions) for every global batch.
 
@@ -548,6 +561,8 @@ def predict_batches(predictor: Predictor, source, *, global_batch_size: int, sta
     local = next(batches)
     rows = (number * process_count + process_index) * batch_size + np.arange(batch_size)
     local["index"] = rows.astype(np.int32)
+    if transform is not None:  # e.g. OnlineRetrieval: neighbours found now (every process in step)
+      local = transform(local)
     device_batch = sharding.make_global_batch(device_fields(local), predictor.mesh)
     out = _gather(predictor(device_batch, params))
     gathered = {k: np.asarray(multihost_utils.process_allgather(np.asarray(local[k]), tiled=True))
@@ -720,9 +735,9 @@ def run_evaluation(config: ml_collections.ConfigDict | None, workdir, *, strateg
   spec, step = restored.spec, restored.step
   if source is None:
     split = split or config.test_split
-    source = data.get_source(config.data, split, spec)
   else:
     split = split_label or split or "source"
+  source, transform = evaluation_source(config, workdir, split, spec, mesh, source)
   if limit:
     source = data.FirstRows(source, limit)
   num_records = len(source)
@@ -766,7 +781,7 @@ def run_evaluation(config: ml_collections.ConfigDict | None, workdir, *, strateg
     start, images = time.perf_counter(), 0
     try:
       for _, gathered, out in predict_batches(predictor, source, global_batch_size=global_batch,
-                                              start_batch=first_batch):
+                                              start_batch=first_batch, transform=transform):
         images += int(gathered["mask"].sum())
         for name, f in files.items():
           for row in prediction_rows(gathered, out[name], gathered["mask"].astype(bool)):
@@ -894,6 +909,71 @@ def run_embedding(workdir, output_dir, *, split: str | None = None, source=None,
 
 
 # ---------------------------------------------------------------------------
+# Retrieval inside inference.
+
+
+class OnlineRetrieval:
+  """Neighbours for images the index job never saw (a folder, a split without lists):
+  the run's aligner embeds each batch's images, the run's gallery is searched exactly
+  (retrieval.search, sharded over the mesh), and the neighbour fields are attached
+  (retrieval.join.attach) -- the same fields the stored lists give.  A callable on
+  host batches (predict_batches' transform); every process calls it in step."""
+
+  def __init__(self, config, workdir, spec: s2.TokenSpec, mesh):
+    from geotoken_jax import retrieval  # pylint: disable=g-import-not-at-top
+    from geotoken_jax.retrieval import neighbors, sources  # pylint: disable=g-import-not-at-top
+
+    self.config, self.mesh = config, mesh
+    self.aligner = restore_model(sources.alignment_workdir(config, workdir), mesh=mesh)
+    self._embed = embed_function(self.aligner)
+    self.gallery = sources.load_gallery(config, workdir, spec)
+    self._rows = neighbors.SearchRows(self.gallery.store, self.gallery.fields)
+    self.settings = neighbors.settings_from_config(config.retrieval)
+    self.k = int(config.retrieval.k)
+    self.image_size = image_size(self.aligner.config.model)
+    self._search = retrieval.search
+
+  def __call__(self, local: dict) -> dict:
+    from geotoken_jax.retrieval import join, neighbors  # pylint: disable=g-import-not-at-top
+
+    images = np.asarray(local["image"])
+    if images.shape[1] != self.image_size:
+      raise ValueError(f"the aligner reads {self.image_size}px images, this batch has {images.shape[1]}px: "
+                       "set data.image_size to the aligner's")
+    embedded = self._embed(sharding.make_global_batch({"image": images}, self.mesh))
+    fields = self.gallery.fields
+    host = {f: np.asarray(multihost_utils.process_allgather(embedded[f], tiled=True), np.float32)
+            for f in fields}  # [global batch, dim]: every process searches every query
+    result = self._search(neighbors.search_vectors([host[f] for f in fields]), self._rows, self.k, mesh=self.mesh,
+                          chunk_rows=int(self.settings["chunk_rows"]), query_batch=int(self.settings["query_batch"]),
+                          dtype=str(self.settings["dtype"]), margin=int(self.settings["margin"]))
+    b = images.shape[0]
+    mine = slice(jax.process_index() * b, (jax.process_index() + 1) * b)
+    query = join.stacked_fields([host[f][mine] for f in fields], self.gallery.feature_dim)
+    return join.attach(local, query, result.indices[mine], result.scores[mine], self.gallery)
+
+
+def uses_neighbors(config) -> bool:
+  """Does the run's model (or its kNN strategies) read retrieved neighbours?"""
+  from geotoken_jax.retrieval import sources  # pylint: disable=g-import-not-at-top
+
+  return sources.enabled(config)
+
+
+def evaluation_source(config, workdir, split: str, spec: s2.TokenSpec, mesh, source=None):
+  """(source, transform) to evaluate `split` (or `source`) with: a retrieval run's split with
+  stored neighbour lists reads them; any other images get OnlineRetrieval."""
+  from geotoken_jax.retrieval import sources  # pylint: disable=g-import-not-at-top
+
+  if source is not None:
+    return source, (OnlineRetrieval(config, workdir, spec, mesh) if uses_neighbors(config) else None)
+  if uses_neighbors(config) and sources.has_lists(config, workdir, split):
+    return sources.get_source(config, workdir, split, spec), None
+  source = data.get_source(config.data, split, spec)
+  return source, (OnlineRetrieval(config, workdir, spec, mesh) if uses_neighbors(config) else None)
+
+
+# ---------------------------------------------------------------------------
 # Prediction on image files.
 
 
@@ -955,14 +1035,18 @@ def predict_files(restored: RestoredModel, paths: Sequence[str], *, strategy_tex
   others are predicted.  Only this process's devices are used.
   """
   config, spec = restored.config, restored.spec
-  if not models.align.is_alignment(config.model) and config.model.encoder == "features":
-    raise ValueError(f"this model's encoder is {config.model.encoder!r}: predicting from image files "
-                     "needs an image encoder (the feature encoder needs features and retrieved neighbours)")
+  online = None
+  if not models.align.is_alignment(config.model) and uses_neighbors(config):
+    online = OnlineRetrieval(config, restored.workdir, spec, restored.mesh)  # embeds + searches each batch
+  elif not models.align.is_alignment(config.model) and config.model.encoder == "features":
+    raise ValueError(f"this model's encoder is {config.model.encoder!r} and its config has no retrieval "
+                     "block: predicting from image files needs an image encoder or a retrieval-augmented run "
+                     "(whose aligner and gallery give the features and neighbours)")
   strategy = strategies.parse_strategy(strategy_text).check(spec)
   aligner = restore_aligner(config, restored.mesh, [strategy], alignment_workdir)
   predictor = Predictor.from_restored(restored, [strategy], num_candidates=top_k, seed=seed, cache_dir=cache_dir,
                                       aligner=aligner)
-  size = image_size(config.model)
+  size = online.image_size if online is not None else image_size(config.model)
   divisor = sharding.global_batch_size_divisor(restored.mesh)
   batch_size = max(divisor, -(-int(batch_size) // divisor) * divisor)
   for start in range(0, len(paths), batch_size):
@@ -979,7 +1063,10 @@ def predict_files(restored: RestoredModel, paths: Sequence[str], *, strategy_tex
       images = np.zeros((batch_size, size, size, 3), np.uint8)
       images[:len(pixels)] = np.stack(pixels)
       index = (start + np.arange(batch_size)).astype(np.int32)  # sampling keys by position in the list
-      device_batch = sharding.make_global_batch({"image": images, "index": index}, restored.mesh)
+      local = {"image": images, "index": index}
+      if online is not None:
+        local = online(local)
+      device_batch = sharding.make_global_batch(device_fields(local), restored.mesh)
       out = jax.tree.map(np.asarray, predictor(device_batch)[strategy.name])
       for row, i in enumerate(readable):
         results[i] = _candidates(out, row, spec)

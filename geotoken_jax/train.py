@@ -1,6 +1,8 @@
 """python -m geotoken_jax.train --config configs/earth.py[:smoke] --workdir DIR [--config.FIELD=VALUE ...]
 
-Trains GeoToken and evaluates it (geotoken_jax.trainer.train_and_evaluate).
+Trains GeoToken and evaluates it (geotoken_jax.trainer.train_and_evaluate); a config with
+a `recipe` block (configs/earth.py:retrieval, configs/paper.py) runs the whole
+retrieval-augmented recipe instead (geotoken_jax.recipe: align, embed, index, train, evaluate).
 Exit status: 0 done, 143 preempted (checkpoint saved: rerun to resume),
 1 stopped on non-finite losses, 2 a bad config or a refused resume.
 Several processes (TPU pod workers, SLURM tasks, localhost) run the same command.
@@ -26,14 +28,17 @@ def main(argv: Sequence[str]) -> int:
 
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   cl.initialize_distributed()
-  from geotoken_jax import checkpoint, trainer  # pylint: disable=g-import-not-at-top
+  from geotoken_jax import checkpoint, recipe, trainer  # pylint: disable=g-import-not-at-top
 
   try:
-    result = trainer.train_and_evaluate(cl.CONFIG.value, cl.WORKDIR.value)
+    if recipe.is_recipe(cl.CONFIG.value):  # a retrieval recipe: align, embed, index, train, evaluate
+      result = recipe.run_recipe(cl.CONFIG.value, cl.WORKDIR.value)
+    else:
+      result = trainer.train_and_evaluate(cl.CONFIG.value, cl.WORKDIR.value)
   except trainer.NonFiniteTrainingError as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     return 1
-  except (ValueError, checkpoint.CheckpointRestoreError) as e:  # config checks, refused resumes
+  except (ValueError, FileNotFoundError, checkpoint.CheckpointRestoreError) as e:  # config checks, refused resumes
     print(f"error: {e}", file=sys.stderr, flush=True)
     if cl.FLAGS.verbosity > 0:
       import traceback  # pylint: disable=g-import-not-at-top

@@ -35,6 +35,7 @@ from jax.experimental import multihost_utils
 
 from geotoken_jax import checkpoint, data, inference, metrics, models, optim, s2, sharding, summary
 from geotoken_jax.decoding import strategies
+from geotoken_jax.retrieval import sources as retrieval_sources
 
 PREEMPTED_EXIT_CODE = 143
 
@@ -77,6 +78,14 @@ def check_config(config: ml_collections.ConfigDict, mesh) -> None:
   elif any(strategies.needs_alignment(s) for s in wanted):
     raise ValueError(f"validation_strategy {validation_strategy(config)!r} needs an alignment model; the trainer "
                      "validates without one: use a decoder strategy (greedy, beam:W, sample:N:T:RULE)")
+  if retrieval_sources.enabled(config):
+    retrieval_sources.check_model(config)
+  elif not models.align.is_alignment(config.model) and config.model.encoder == "features":
+    raise ValueError("model.encoder 'features' reads retrieved neighbours: add a `retrieval` block "
+                     "(configs/earth.py:retrieval, configs/paper.py) naming the embeddings and neighbour lists")
+  elif any(strategies.needs_neighbors(s) for s in wanted):
+    raise ValueError(f"validation_strategy {validation_strategy(config)!r} reads retrieved neighbours: "
+                     "only a run with a `retrieval` block has them")
   if int(config.get("max_consecutive_nonfinite", 1)) < 1:
     raise ValueError(f"max_consecutive_nonfinite must be >= 1, got {config.max_consecutive_nonfinite}")
   if int(config.get("preemption_check_every_steps", 1)) < 1:
@@ -153,7 +162,8 @@ def create_train_state(config: ml_collections.ConfigDict, spec: s2.TokenSpec, me
     state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params),
              # Steps skipped for a non-finite loss or gradient: in a row, and in all.
              "nonfinite": {"consecutive": jnp.zeros((), jnp.int32), "total": jnp.zeros((), jnp.int32)}}
-    if models.align.is_alignment(config.model):  # past GPS, extra negatives
+    # Past GPS, extra negatives (none with queue_size 0: orbax cannot save empty arrays).
+    if models.align.is_alignment(config.model) and int(config.model.queue_size) > 0:
       encoded_dim = int(config.model.location.out_dim) if frozen_location_encoder(config, abstract) else 0
       state["queue"] = models.align.init_queue(int(config.model.queue_size), encoded_dim)
     return state
@@ -374,7 +384,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
 
-  train_source = data.get_source(config.data, "train", spec, seed=config.seed)
+  # A retrieval run's examples carry their neighbours (read from the gallery once).
+  gallery = retrieval_sources.load_gallery(config, workdir, spec) if retrieval_sources.enabled(config) else None
+  if gallery is not None:
+    retrieval_sources.check_model(config, gallery)
+  train_source = retrieval_sources.get_source(config, workdir, "train", spec, seed=config.seed, gallery=gallery)
   steps_per_epoch = max(len(train_source) // config.batch_size, 1)
   total_steps = config.num_steps or config.num_epochs * steps_per_epoch
   train_iter = data.train_iterator(train_source, global_batch_size=config.batch_size, seed=config.seed,
@@ -406,7 +420,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
   def run_eval(split: str, params, refresh: bool = True) -> dict:
     if refresh:  # an alignment model's gallery, embedded with these parameters
       predictor.refresh_gallery(params)
-    source = data.get_source(config.data, split, spec)
+    source = retrieval_sources.get_source(config, workdir, split, spec, gallery=gallery)
     return inference.validation_metrics(predictor, source, global_batch_size=config.eval_batch_size,
                                         strategy_name=validation_strategy(config), params=params)
 

@@ -6,10 +6,10 @@ import argparse
 import json
 import sys
 
-from geotoken_jax.bench import decode_bench, embed_bench, prepare_bench, s2_bench, train_bench
+from geotoken_jax.bench import decode_bench, embed_bench, prepare_bench, s2_bench, search_bench, train_bench
 
 _BENCHMARKS = {"s2": s2_bench, "train": train_bench, "decode": decode_bench, "prepare": prepare_bench,
-               "embed": embed_bench}
+               "embed": embed_bench, "search": search_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -91,7 +91,8 @@ def get_source(data_config, split: str, spec: s2.TokenSpec, *, seed: int = 0):
   "earth" (optional "image_size", default 64) or a prepared TFDS data set
   (TFDS_DATASETS; "data_dir", "image_size", "augment" for the train split,
   optional "splits" mapping, see resolve_split).  An optional "eval_limit"
-  keeps only the first records of the evaluation splits.
+  keeps only the first records of the evaluation splits, "train_limit" of the
+  train split (fixture-sized runs of the retrieval recipe).
 
   A split "SPLIT:holdout" / "SPLIT:rest" is a Subset of SPLIT chosen by
   data.holdout (see subsets).  For the train split, data.leak_filter (a tuple
@@ -114,8 +115,8 @@ def get_source(data_config, split: str, spec: s2.TokenSpec, *, seed: int = 0):
   if part is not None or leak_ids:
     source = subsets.apply(source, source.index_arrays(), part=part, holdout=holdout, leak_ids=leak_ids,
                            name=f"{dataset}:{dataset_split}" + (" leak-filtered" if leak_ids else ""))
-  limit = data_config.get("eval_limit", 0)
-  if split != "train" and limit:
+  limit = data_config.get("train_limit" if split == "train" else "eval_limit", 0)
+  if limit:
     source = FirstRows(source, limit)
   return source
 
@@ -149,6 +150,12 @@ class FirstRows:
   @property
   def augment(self) -> bool:
     return bool(getattr(self._source, "augment", False))
+
+  def all_tokens(self) -> np.ndarray:
+    return np.asarray(self._source.all_tokens())[:self._length]
+
+  def index_arrays(self) -> dict[str, np.ndarray]:
+    return {key: np.asarray(value)[:self._length] for key, value in self._source.index_arrays().items()}
 
   def get_batch(self, indices, positions=None) -> dict:
     indices = np.asarray(indices)

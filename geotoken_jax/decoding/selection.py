@@ -13,6 +13,9 @@ Rules (`select(rule, ...)`):
            token of the most likely kept candidate); the survivor with the
            highest log-probability.  The coarse cells are decided by the
            majority, like a vote over countries, then regions, ...
+  wvote    the same hierarchical vote, each candidate voting with its probability
+           (softmax of the log-probabilities over the valid entries) instead of 1:
+           a similarity-weighted vote for a kNN pool.
   medoid   the candidate with the least total great-circle distance to all the
            others (duplicates count as often as they were sampled).
   mean     the probability-weighted mean direction on the sphere: each DISTINCT
@@ -46,7 +49,7 @@ from flax import struct
 
 from geotoken_jax import metrics
 
-SELECTION_RULES = ("logprob", "vote", "medoid", "mean", "similarity", "fused")
+SELECTION_RULES = ("logprob", "vote", "wvote", "medoid", "mean", "similarity", "fused")
 # Rules that rank candidates by a score computed outside the pool (an alignment model).
 SCORE_RULES = ("similarity", "fused")
 
@@ -83,13 +86,26 @@ def select_logprob(tokens, log_probs, latlng, valid=None) -> Selection:
 
 
 def select_vote(tokens, log_probs, latlng, valid=None) -> Selection:
+  return _hierarchical_vote(tokens, log_probs, latlng, valid, weighted=False)
+
+
+def select_wvote(tokens, log_probs, latlng, valid=None) -> Selection:
+  return _hierarchical_vote(tokens, log_probs, latlng, valid, weighted=True)
+
+
+def _hierarchical_vote(tokens, log_probs, latlng, valid, *, weighted: bool) -> Selection:
   positions = tokens.shape[2]
   alive = _valid(valid, log_probs)  # [batch, N]
+  if weighted:  # each candidate's probability within the valid pool
+    weight = jax.nn.softmax(jnp.where(alive, log_probs, -jnp.inf), axis=-1)
+    weight = jnp.where(alive, weight, 0.0)
+  else:
+    weight = jnp.ones(log_probs.shape, jnp.float32)
   for p in range(positions):
     column = tokens[:, :, p]  # [batch, N]
     same = column[:, :, None] == column[:, None, :]  # [batch, N, N]
-    votes = jnp.sum(same & alive[:, None, :], axis=-1)  # alive candidates sharing n's token
-    votes = jnp.where(alive, votes, -1)
+    votes = jnp.sum(jnp.where(same & alive[:, None, :], weight[:, None, :], 0.0), axis=-1)  # weight sharing n's token
+    votes = jnp.where(alive, votes, -1.0)
     best = jnp.max(votes, axis=-1, keepdims=True)
     # Among the most voted tokens, the one of the most likely alive candidate.
     leader = jnp.argmax(jnp.where(alive & (votes == best), log_probs, -jnp.inf), axis=-1)  # [batch]
@@ -131,7 +147,7 @@ def select_mean(tokens, log_probs, latlng, valid=None) -> Selection:
                    jnp.where(cancelled, fallback.index, -1).astype(jnp.int32))
 
 
-_RULES = {"logprob": select_logprob, "vote": select_vote, "medoid": select_medoid, "mean": select_mean}
+_RULES = {"logprob": select_logprob, "vote": select_vote, "wvote": select_wvote, "medoid": select_medoid, "mean": select_mean}
 
 
 def select(rule: str, tokens: jax.Array, log_probs: jax.Array, latlng: jax.Array,

@@ -12,8 +12,14 @@ A strategy string (comma-separate several for the evaluation job):
                                locations most similar to the image; RULE picks one
                                (default logprob = the most similar; the pool's
                                log-probabilities are the softmax over the whole gallery)
+  knn:K[:RULE]                 retrieval alone, no decoder: the image's K nearest
+                               training images (the neighbours a retrieval-augmented
+                               run attaches to every example); their coordinates are
+                               the pool, log-probabilities the softmax of their
+                               similarities / evaluate.knn_temperature; knn:1 is the
+                               top neighbour's location (OSV-5M's kNN baseline)
 
-Rules: logprob, vote, medoid, mean, and with an alignment model similarity (the
+Rules: logprob, vote, wvote (the vote weighted by probability), medoid, mean, and with an alignment model similarity (the
 candidate most similar to the image) and fused (log-probability + w x similarity
 logit; w is evaluate.fused_weight).
 
@@ -54,7 +60,7 @@ from geotoken_jax.decoding.sampling import check_sampling, sample_sequences
 from geotoken_jax.decoding.selection import SCORE_RULES, SELECTION_RULES, select, top_candidates
 from geotoken_jax.s2 import jax_ops
 
-KINDS = ("greedy", "beam", "sample", "gallery")
+KINDS = ("greedy", "beam", "sample", "gallery", "knn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +78,7 @@ class Strategy:
   @property
   def pool_size(self) -> int:
     return {"greedy": 1, "beam": self.beam_size, "sample": self.num_samples,
-            "gallery": self.num_samples}[self.kind]
+            "gallery": self.num_samples, "knn": self.num_samples}[self.kind]
 
   @property
   def pool_key(self) -> "Strategy":
@@ -84,8 +90,8 @@ class Strategy:
     """Canonical spec string (parse(name) == self)."""
     if self.kind == "greedy":
       parts = ["greedy"]
-    elif self.kind == "gallery":
-      parts = ["gallery", str(self.num_samples)]
+    elif self.kind in ("gallery", "knn"):
+      parts = [self.kind, str(self.num_samples)]
       if self.rule != "logprob":
         parts.append(self.rule)
     elif self.kind == "beam":
@@ -116,11 +122,11 @@ class Strategy:
       check_beam_size(self.beam_size, spec.vocab_sizes)
       if not self.temperature > 0:
         raise ValueError(f"{self.name}: beam temperature must be > 0")
-    if self.kind == "gallery":
+    if self.kind in ("gallery", "knn"):
       if self.num_samples < 1:
-        raise ValueError(f"{self.name}: gallery needs K >= 1 candidates")
+        raise ValueError(f"{self.name}: {self.kind} needs K >= 1 candidates")
       if self.trie_min_count or self.temperature != 1.0:
-        raise ValueError(f"{self.name}: a gallery strategy takes no trie or temperature")
+        raise ValueError(f"{self.name}: a {self.kind} strategy takes no trie or temperature")
     if self.kind == "sample":
       if self.num_samples < 1:
         raise ValueError(f"{self.name}: the number of samples must be >= 1")
@@ -141,7 +147,7 @@ class Strategy:
 
 
 _POSITIONAL = {"greedy": (), "beam": ("beam_size", "rule"), "sample": ("num_samples", "temperature", "rule"),
-               "gallery": ("num_samples", "rule")}
+               "gallery": ("num_samples", "rule"), "knn": ("num_samples", "rule")}
 _KEYWORDS = {"top_k": int, "top_p": float, "temperature": float, "trie": int, "trie_level": int,
              "rule": str}
 _FIELD_TYPES = {"beam_size": int, "num_samples": int, "temperature": float, "rule": str}
@@ -172,8 +178,8 @@ def parse_strategy(text: str) -> Strategy:
     raise ValueError(f"bad strategy {text!r}: {e}") from None
   if kind == "sample" and "num_samples" not in fields:
     raise ValueError(f"bad strategy {text!r}: sample needs N, e.g. sample:30:0.7")
-  if kind == "gallery" and "num_samples" not in fields:
-    raise ValueError(f"bad strategy {text!r}: gallery needs K, e.g. gallery:5")
+  if kind in ("gallery", "knn") and "num_samples" not in fields:
+    raise ValueError(f"bad strategy {text!r}: {kind} needs K, e.g. {kind}:5")
   if kind == "beam" and "beam_size" not in fields:
     raise ValueError(f"bad strategy {text!r}: beam needs a width, e.g. beam:5")
   if kind != "sample" and ("top_k" in fields or "top_p" in fields):
@@ -265,6 +271,30 @@ def decode_pool(model, memory: jax.Array, strategy: Strategy, keys: jax.Array,
 def needs_alignment(strategy: Strategy) -> bool:
   """Does the strategy need an alignment model (a gallery, or a similarity-based rule)?"""
   return strategy.kind == "gallery" or strategy.rule in SCORE_RULES
+
+
+def needs_neighbors(strategy: Strategy) -> bool:
+  """Does the strategy read the retrieved neighbours of the batch (knn:K)?"""
+  return strategy.kind == "knn"
+
+
+def knn_pool(batch: Mapping[str, jax.Array], k: int, temperature: float) -> dict[str, jax.Array]:
+  """The batch's first k retrieved neighbours as a pool: tokens [B, k, P], latlng [B, k, 2]
+  (the neighbours' own coordinates), log_prob [B, k] = log-softmax(score / temperature)
+  over the valid ones, valid [B, k]."""
+  for key in ("neighbor_tokens", "neighbor_latlng", "neighbor_scores"):
+    if key not in batch:
+      raise ValueError(f"knn:K needs retrieved neighbours in the batch ({key} is missing): evaluate a "
+                       "run trained with retrieval (a `retrieval` config block)")
+  available = batch["neighbor_tokens"].shape[1]
+  if k > available:
+    raise ValueError(f"knn:{k} asks for more neighbours than the batch carries ({available}: retrieval.k)")
+  valid = batch["neighbor_valid"][:, :k] if "neighbor_valid" in batch else jnp.ones(
+      batch["neighbor_scores"][:, :k].shape, jnp.bool_)
+  logits = jnp.where(valid, batch["neighbor_scores"][:, :k].astype(jnp.float32) / temperature, -jnp.inf)
+  log_prob = jnp.where(valid, jax.nn.log_softmax(logits, axis=-1), -1e30)
+  return {"tokens": batch["neighbor_tokens"][:, :k].astype(jnp.int32), "log_prob": log_prob,
+          "latlng": batch["neighbor_latlng"][:, :k].astype(jnp.float32), "valid": valid}
 
 
 def rule_scores(pool: Mapping[str, jax.Array], rule: str, fused_weight: float = 1.0) -> jax.Array | None:

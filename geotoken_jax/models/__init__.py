@@ -41,7 +41,9 @@ Configuration (`model_config(preset)` returns an ml_collections.ConfigDict):
   compute_dtype      "float32" or "bfloat16": matmul dtype; params, LayerNorm, softmax,
                      residuals, logits and loss stay float32
   features           ConfigDict: num_neighbors (K, 15), num_features (3), feature_dim (768)
-                     of the feature encoder
+                     of the feature encoder (and K of the neighbour memory)
+  neighbor_memory    False; True appends K retrieved neighbours' tokens and similarities to
+                     an image encoder's memory (models.feature_encoder.NeighborMemory)
   vit                ConfigDict: name, image_size, patch_size, width, depth, num_heads,
                      mlp_dim, norm, activation, mean, std (see `vit_config`)
   clip               ConfigDict, needed only by encoder "clip" (not in the presets: set
@@ -123,7 +125,7 @@ def model_config(preset: str = "paper") -> ml_collections.ConfigDict:
       preset=preset, encoder="features", d_model=512, num_heads=8, ff_dim=1024,
       encoder_layers=10, decoder_layers=10, norm="pre", activation="gelu", positions="learned",
       dropout=0.0, attention_dropout=0.0, layer_norm_eps=1e-5, compute_dtype="float32",
-      features=features_config(), vit=vit_config("vit_tiny")))
+      features=features_config(), vit=vit_config("vit_tiny"), neighbor_memory=False))
   if preset == "paper":
     cfg.update(norm="post", activation="relu", positions="sinusoidal", dropout=0.1,
                attention_dropout=0.1)

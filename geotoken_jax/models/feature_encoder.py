@@ -97,3 +97,40 @@ class FeatureEncoder(nnx.Module):
     x = x + self.positions.first(x.shape[1])
     x = layers.dropout(x, self.dropout_rate, deterministic=deterministic, rngs=rngs)
     return self.encoder(x, deterministic=deterministic, rngs=rngs)
+
+
+class NeighborMemory(nnx.Module):
+  """Retrieved neighbours as extra memory for an image encoder (ViT / CLIP + neighbours).
+
+  Each of the K neighbours contributes P memory tokens, one per token position:
+  token embedding (its own table, per-position offsets) + position p + rank k +
+  its similarity times a learned direction, then a LayerNorm.  They are appended to
+  the image tokens, so the decoder cross-attends to the image and to the
+  neighbours' locations at once: [B, S_image + K * P, d].
+  """
+
+  def __init__(self, d_model: int, spec: s2.TokenSpec, num_neighbors: int, *, eps: float, rngs: nnx.Rngs):
+    self.vocab_sizes = tuple(spec.vocab_sizes)
+    self.num_neighbors = int(num_neighbors)
+    p = len(self.vocab_sizes)
+    self.token_embedding = layers.param(rngs, layers.normal_init(0.02), (sum(self.vocab_sizes), d_model),
+                                        ("vocab", "embed"))
+    self.position = layers.param(rngs, layers.normal_init(0.02), (p, d_model), ("position", "embed"))
+    self.rank = layers.param(rngs, layers.normal_init(0.02), (self.num_neighbors, d_model), ("position", "embed"))
+    self.similarity = layers.param(rngs, layers.normal_init(0.02), (d_model,), ("embed",))
+    self.norm = layers.LayerNorm(d_model, eps=eps, rngs=rngs)
+
+  def length(self, num_neighbors: int | None = None) -> int:
+    return (self.num_neighbors if num_neighbors is None else num_neighbors) * len(self.vocab_sizes)
+
+  def __call__(self, neighbor_tokens: jax.Array, neighbor_scores: jax.Array) -> jax.Array:
+    """tokens int [B, K, P], scores [B, K] -> memory tokens [B, K * P, d] float32."""
+    b, k, p = neighbor_tokens.shape
+    if p != len(self.vocab_sizes) or k > self.num_neighbors:
+      raise ValueError(f"neighbor_tokens [B, K, P] = {neighbor_tokens.shape}: the model takes K <= "
+                       f"{self.num_neighbors} and P = {len(self.vocab_sizes)}")
+    offsets = jnp.asarray(layers.token_offsets(self.vocab_sizes))
+    x = jnp.take(self.token_embedding[...], neighbor_tokens.astype(jnp.int32) + offsets, axis=0)  # [B, K, P, d]
+    x = x + self.position[...][None, None] + self.rank[...][None, :k, None]
+    x = x + neighbor_scores.astype(jnp.float32)[:, :, None, None] * self.similarity[...]
+    return self.norm(x).reshape(b, k * p, -1)

@@ -5,6 +5,9 @@ Inputs are a dict (the encoder picks its keys):
   encoder "clip":      {"image": uint8 [B, S, S, 3]}, S = config.clip.image_size
   encoder "features":  {"query_features": [B, 3, 768], "neighbor_features": [B, K, 3, 768],
                         "neighbor_tokens": int [B, K, P]}
+  neighbor_memory      an image encoder plus retrieved neighbours (features.num_neighbors
+                       of them): also {"neighbor_tokens": int [B, K, P], "neighbor_scores":
+                       [B, K]}, appended to the image tokens (feature_encoder.NeighborMemory)
 Extra keys are ignored, so a whole batch dict (with "tokens", "mask", ...) can be passed.
 
 Dropout randomness comes only from the `rngs` given at call time (an
@@ -24,11 +27,12 @@ from flax import nnx
 from geotoken_jax import s2
 from geotoken_jax.models import layers
 from geotoken_jax.models.decoder import Cache, Decoder
-from geotoken_jax.models.feature_encoder import FeatureEncoder
+from geotoken_jax.models.feature_encoder import FeatureEncoder, NeighborMemory
 from geotoken_jax.models.vit import ViTEncoder
 
 FEATURE_INPUT_KEYS = ("query_features", "neighbor_features", "neighbor_tokens")
 IMAGE_INPUT_KEY = "image"
+NEIGHBOR_MEMORY_KEYS = ("neighbor_tokens", "neighbor_scores")
 _IMAGE_ENCODERS = ("vit", "clip")
 
 
@@ -52,6 +56,13 @@ class GeoTokenModel(nnx.Module):
       self.encoder = FeatureEncoder(config, spec, rngs=rngs)
     else:
       raise ValueError(f"encoder must be 'vit', 'clip' or 'features', got {config.encoder!r}")
+    with_memory = bool(config.get("neighbor_memory", False))
+    if with_memory and self.encoder_kind not in _IMAGE_ENCODERS:
+      raise ValueError("neighbor_memory is for the image encoders (vit, clip); the feature encoder "
+                       "reads its neighbours itself")
+    self.neighbor_memory = nnx.data(NeighborMemory(self.d_model, spec, int(config.features.num_neighbors),
+                                                   eps=float(config.layer_norm_eps), rngs=rngs)
+                                    if with_memory else None)
     self.decoder = Decoder(config, spec, rngs=rngs)
 
   @property
@@ -68,12 +79,19 @@ class GeoTokenModel(nnx.Module):
 
   @property
   def input_keys(self) -> tuple[str, ...]:
-    return (IMAGE_INPUT_KEY,) if self.encoder_kind in _IMAGE_ENCODERS else FEATURE_INPUT_KEYS
+    if self.encoder_kind not in _IMAGE_ENCODERS:
+      return FEATURE_INPUT_KEYS
+    return (IMAGE_INPUT_KEY,) + (NEIGHBOR_MEMORY_KEYS if self.neighbor_memory is not None else ())
+
+  @property
+  def uses_neighbors(self) -> bool:
+    return self.encoder_kind == "features" or self.neighbor_memory is not None
 
   def memory_length(self, num_neighbors: int | None = None) -> int:
     """Length S of the encoder's output sequence."""
     if self.encoder_kind in _IMAGE_ENCODERS:
-      return self.encoder.num_tokens
+      extra = self.neighbor_memory.length(num_neighbors) if self.neighbor_memory is not None else 0
+      return self.encoder.num_tokens + extra
     k = self.encoder.num_neighbors if num_neighbors is None else num_neighbors
     return self.encoder.memory_length(k)
 
@@ -87,7 +105,13 @@ class GeoTokenModel(nnx.Module):
     rngs = layers.as_rngs(rngs)
     if self.encoder_kind in _IMAGE_ENCODERS:
       images = inputs[IMAGE_INPUT_KEY] if isinstance(inputs, Mapping) else inputs
-      return self.encoder(images, deterministic=deterministic, rngs=rngs)
+      memory = self.encoder(images, deterministic=deterministic, rngs=rngs)
+      if self.neighbor_memory is None:
+        return memory
+      if not isinstance(inputs, Mapping) or any(k not in inputs for k in NEIGHBOR_MEMORY_KEYS):
+        raise ValueError(f"this model reads retrieved neighbours: inputs need {NEIGHBOR_MEMORY_KEYS}")
+      extra = self.neighbor_memory(inputs["neighbor_tokens"], inputs["neighbor_scores"])
+      return jnp.concatenate([memory, extra.astype(memory.dtype)], axis=1)
     return self.encoder(*(inputs[k] for k in FEATURE_INPUT_KEYS), deterministic=deterministic,
                         rngs=rngs)
 

@@ -1,0 +1,365 @@
+"""Neighbour lists: the index job (embeddings -> search -> files) and reading them back.
+
+  run_index(embeddings_root, gallery="train", queries=("train", "validation", "test"),
+            output_root, settings)
+
+Inputs are embedding stores (geotoken_jax.embeddings) under EMBEDDINGS_ROOT/<split>/.
+A record's search vector is the concatenation of its chosen fields (default
+"image" and "loc_head"), each L2-normalized, divided by sqrt(#fields): the score
+is the MEAN cosine over the fields (G3 / GeoToken search the sum of three cosines
+with faiss IndexFlatIP; the mean only rescales it, so thresholds read the same
+whatever the number of fields).
+
+Leaks.  A query that belongs to the gallery (same split, or ids shared with it)
+must never retrieve itself or a duplicate of itself, else training teaches the
+model to copy rank 0 and test-time neighbours (which never include the query)
+look nothing like training ones.  Excluded, inside the search (so K neighbours
+still come back): a gallery row with the query's id; a row within
+`duplicate_km` and with score >= `duplicate_similarity` (a re-upload, a burst of
+shots); a row in the query's group when `group` names one: "s2_cell:L" (the S2
+cell at level L of the coordinates: the earth benchmark's held-out splits are
+whole level-6 cells, so training neighbours from the query's own cell would be
+closer than any test query ever gets) or "column:NAME" (a metadata column stored
+in the embeddings, e.g. an author).  Per split the manifest counts how often the
+unfiltered rank 0 was excluded, and why.
+
+Output per query split, OUTPUT_ROOT/<split>/:
+  manifest.json              settings, gallery identity, blocks, statistics
+  indices/<block:05d>.npy    int64 [n, K] gallery rows, best first (-1: none)
+  scores/<block:05d>.npy     float32 [n, K] mean cosines (-inf: none)
+Blocks of `block_rows` queries are written atomically and listed in the
+manifest as they complete: a rerun skips complete splits and blocks.  Every
+process runs the search in step; process 0 writes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from etils import epath
+from jax.experimental import multihost_utils
+
+from geotoken_jax import s2
+from geotoken_jax.retrieval.search import Exclusion, search as exact_search
+
+FORMAT = "geotoken-neighbors"
+VERSION = 1
+MANIFEST = "manifest.json"
+
+DEFAULT_SETTINGS = dict(
+    fields=("image", "loc_head"), k=32, dtype="float32", chunk_rows=65536, query_batch=1024, margin=16,
+    block_rows=65536, same_id=True, duplicate_km=1.0, duplicate_similarity=0.95, group="")
+
+
+def settings_from_config(retrieval_config) -> dict:
+  """The index settings a config's `retrieval` block names (the rest: defaults)."""
+  out = dict(DEFAULT_SETTINGS)
+  for key in out:
+    name = "search_k" if key == "k" else key  # the config's k is how many the model reads
+    if name in retrieval_config:
+      value = retrieval_config[name]
+      out[key] = tuple(value) if isinstance(value, (list, tuple)) else value
+  return out
+
+
+# ---------------------------------------------------------------------------
+# Search vectors, ids and groups from an embedding store.
+
+
+def id_hashes(ids: np.ndarray) -> np.ndarray:
+  """int64 [N]: integer ids as they are, text ids by a stable 63-bit hash of their text."""
+  ids = np.asarray(ids)
+  if ids.dtype.kind in "iu":
+    return ids.astype(np.int64)
+  return np.asarray([int.from_bytes(hashlib.blake2b(str(v).encode(), digest_size=8).digest(), "little") >> 1
+                     for v in ids.reshape(-1)], np.int64)
+
+
+def group_keys(rule: str, latlng: np.ndarray, store=None) -> np.ndarray | None:
+  """int64 [N] group of every record under `rule` ("" -> None, "s2_cell:L", "column:NAME")."""
+  if not rule:
+    return None
+  kind, _, arg = rule.partition(":")
+  if kind == "s2_cell":
+    try:
+      level = int(arg)
+    except ValueError:
+      raise ValueError(f"group {rule!r}: the S2 level must be an integer, e.g. s2_cell:6") from None
+    latlng = np.asarray(latlng, np.float64)
+    return s2.latlng_to_cell_ids(latlng[:, 0], latlng[:, 1], level).astype(np.int64)
+  if kind == "column":
+    if store is None or arg not in store.columns:
+      raise ValueError(f"group {rule!r}: the embeddings have no column {arg!r} "
+                       f"(columns: {sorted(store.columns) if store is not None else []})")
+    return id_hashes(store.field(arg))
+  raise ValueError(f"unknown group rule {rule!r}: use '', 's2_cell:LEVEL' or 'column:NAME'")
+
+
+def search_vectors(parts: Sequence[np.ndarray]) -> np.ndarray:
+  """float32 [n, sum(dims)]: each field L2-normalized, concatenated, divided by sqrt(#fields)."""
+  out = []
+  for x in parts:
+    x = np.asarray(x, np.float32)
+    out.append(x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12))
+  return np.concatenate(out, axis=1) / np.float32(math.sqrt(len(out)))
+
+
+def check_fields(store, fields: Sequence[str]) -> tuple[str, ...]:
+  fields = tuple(fields)
+  if not fields:
+    raise ValueError("retrieval needs at least one embedding field (e.g. image, loc_head)")
+  missing = [f for f in fields if f not in store.fields]
+  if missing:
+    raise ValueError(f"{store.directory} has no field(s) {missing}; it has {list(store.fields)}")
+  return fields
+
+
+class SearchRows:
+  """A store's search vectors as a row view (what search() reads the gallery from): slices
+  and row gathers are read from the memory-mapped shards, never the whole store."""
+
+  def __init__(self, store, fields: Sequence[str]):
+    self.store = store
+    self.fields = check_fields(store, fields)
+    self.shape = (store.num_records, sum(store.dims[f] for f in self.fields))
+    self.dtype = np.dtype(np.float32)
+
+  def __len__(self) -> int:
+    return self.shape[0]
+
+  def take(self, indices) -> np.ndarray:
+    indices = np.asarray(indices, np.int64)
+    flat = indices.reshape(-1)
+    rows = search_vectors([self.store.rows(f, flat) for f in self.fields])
+    return rows.reshape(indices.shape + (self.shape[1],))
+
+  def __getitem__(self, key) -> np.ndarray:
+    if isinstance(key, slice):
+      return self.take(np.arange(*key.indices(self.shape[0])))
+    return self.take(key)
+
+
+def store_identity(store) -> dict:
+  """What names an embedding store's content: record count, dims and its shards' checksums."""
+  digest = hashlib.sha256()
+  for shard in store.manifest["shards"]:
+    for name in sorted(shard["files"]):
+      digest.update(str(shard["files"][name].get("sha256", "")).encode())
+  return {"directory": str(store.directory), "records": store.num_records, "dims": store.dims,
+          "checksum": digest.hexdigest()[:16]}
+
+
+# ---------------------------------------------------------------------------
+# The index job.
+
+
+def _exclusion(query_store, gallery_store, query_rows: np.ndarray, settings: dict, same_split: bool,
+               gallery_latlng: np.ndarray, gallery_ids, gallery_groups) -> Exclusion | None:
+  query_latlng = np.asarray(query_store.rows("latlng", query_rows), np.float32)
+  fields: dict[str, Any] = {}
+  if settings["same_id"] and gallery_ids is not None and query_store.ids is not None:
+    fields.update(query_ids=id_hashes(query_store.rows("id", query_rows)), gallery_ids=gallery_ids)
+  elif settings["same_id"] and same_split:  # no ids stored: a record is itself by its row
+    fields.update(query_ids=query_rows.astype(np.int64), gallery_ids=np.arange(gallery_store.num_records))
+  if settings["duplicate_km"] > 0:
+    fields.update(query_latlng=query_latlng, gallery_latlng=gallery_latlng,
+                  duplicate_km=float(settings["duplicate_km"]),
+                  duplicate_similarity=float(settings["duplicate_similarity"]))
+  if gallery_groups is not None:
+    fields.update(query_groups=group_keys(settings["group"], query_latlng, query_store),
+                  gallery_groups=gallery_groups)
+  return Exclusion(**fields) if fields else None
+
+
+def _write_atomic(path: epath.Path, payload: bytes) -> None:
+  tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+  tmp.write_bytes(payload)
+  tmp.replace(path)
+
+
+def _npy(array: np.ndarray) -> bytes:
+  import io  # pylint: disable=g-import-not-at-top
+
+  buffer = io.BytesIO()
+  np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
+  return buffer.getvalue()
+
+
+def _broadcast_json(value):
+  if jax.process_count() == 1:
+    return value
+  text = json.dumps(value).encode() if jax.process_index() == 0 else b""
+  size = int(multihost_utils.broadcast_one_to_all(np.int64(len(text))))
+  buffer = np.zeros(size, np.uint8)
+  if jax.process_index() == 0:
+    buffer[:] = np.frombuffer(text, np.uint8)
+  return json.loads(bytes(multihost_utils.broadcast_one_to_all(buffer)).decode())
+
+
+def index_split(query_store, gallery_store, output_dir, *, settings: Mapping[str, Any], same_split: bool,
+                mesh=None, progress: bool = True, overwrite: bool = False) -> dict:
+  """Searches every record of query_store in gallery_store; writes output_dir; returns the manifest."""
+  settings = {**DEFAULT_SETTINGS, **dict(settings)}
+  settings["fields"] = tuple(settings["fields"])
+  fields = check_fields(gallery_store, settings["fields"])
+  check_fields(query_store, fields)
+  if any(query_store.dims[f] != gallery_store.dims[f] for f in fields):
+    raise ValueError(f"query and gallery dims differ: {query_store.dims} vs {gallery_store.dims}")
+  output_dir = epath.Path(output_dir)
+  k, block_rows = int(settings["k"]), int(settings["block_rows"])
+  if k < 1 or block_rows < 1:
+    raise ValueError(f"k and block_rows must be >= 1, got {k}, {block_rows}")
+  identity = {"query": store_identity(query_store), "gallery": store_identity(gallery_store),
+              "same_split": bool(same_split), "settings": {**settings, "fields": list(fields)}}
+  num_queries = query_store.num_records
+  manifest = None
+  if jax.process_index() == 0:
+    path = output_dir / MANIFEST
+    if path.exists():
+      manifest = json.loads(path.read_text())
+      if manifest.get("identity") != json.loads(json.dumps(identity)):
+        if not overwrite:
+          raise ValueError(f"{output_dir} holds neighbours searched with other embeddings or settings; "
+                           "pass overwrite=True (--overwrite) or choose another output")
+        manifest = None
+    if manifest is None:
+      output_dir.mkdir(parents=True, exist_ok=True)
+      for name in ("indices", "scores"):
+        (output_dir / name).mkdir(exist_ok=True)
+      manifest = {"format": FORMAT, "version": VERSION, "identity": identity, "num_queries": num_queries,
+                  "k": k, "block_rows": block_rows, "blocks": [], "complete": False, "timings": []}
+      _write_atomic(path, json.dumps(manifest, indent=1).encode())
+  manifest = _broadcast_json(manifest)
+  if manifest["complete"]:
+    return manifest
+
+  gallery = SearchRows(gallery_store, fields)
+  gallery_latlng = np.asarray(gallery_store.latlng, np.float32)
+  gallery_ids = id_hashes(gallery_store.ids) if settings["same_id"] and gallery_store.ids is not None else None
+  gallery_groups = group_keys(settings["group"], gallery_latlng, gallery_store)
+  num_blocks = math.ceil(num_queries / block_rows)
+  start_time, searched = time.perf_counter(), 0
+  for block in range(len(manifest["blocks"]), num_blocks):
+    rows = np.arange(block * block_rows, min((block + 1) * block_rows, num_queries))
+    queries = search_vectors([query_store.rows(f, rows) for f in fields])
+    exclusion = _exclusion(query_store, gallery_store, rows, settings, same_split, gallery_latlng,
+                           gallery_ids, gallery_groups)
+    result = exact_search(queries, gallery, k, mesh=mesh, chunk_rows=int(settings["chunk_rows"]),
+                               query_batch=int(settings["query_batch"]), dtype=str(settings["dtype"]),
+                               margin=int(settings["margin"]), exclusion=exclusion, progress=progress)
+    searched += rows.size
+    if jax.process_index() == 0:
+      entry = {"rows": [int(rows[0]), int(rows[-1]) + 1], "stats": result.stats(),
+               "files": {name: f"{name}/{block:05d}.npy" for name in ("indices", "scores")}}
+      _write_atomic(output_dir / entry["files"]["indices"], _npy(result.indices.astype(np.int64)))
+      _write_atomic(output_dir / entry["files"]["scores"], _npy(result.scores.astype(np.float32)))
+      manifest["blocks"].append(entry)
+      manifest["complete"] = len(manifest["blocks"]) == num_blocks
+      if manifest["complete"]:
+        manifest["stats"] = combine_stats([b["stats"] for b in manifest["blocks"]])
+      _write_atomic(output_dir / MANIFEST, json.dumps(manifest, indent=1).encode())
+  seconds = time.perf_counter() - start_time
+  if jax.process_index() == 0:
+    manifest["timings"].append({"queries": searched, "seconds": seconds,
+                                "queries_per_second": searched / max(seconds, 1e-9)})
+    _write_atomic(output_dir / MANIFEST, json.dumps(manifest, indent=1).encode())
+  return _broadcast_json(manifest)
+
+
+def combine_stats(blocks: Sequence[dict]) -> dict:
+  """The split's statistics from its blocks' SearchResult.stats()."""
+  total = sum(int(b["queries"]) for b in blocks)
+  out = {"queries": total, "k": blocks[0]["k"] if blocks else 0}
+  for key in ("excluded_in_top_k", "short_rows"):
+    if blocks and key in blocks[0]:
+      first = blocks[0][key]
+      out[key] = ({r: sum(int(b[key][r]) for b in blocks) for r in first} if isinstance(first, dict)
+                  else sum(int(b[key]) for b in blocks))
+  if blocks and "rank0_excluded" in blocks[0]:
+    out["rank0_excluded"] = {r: sum(float(b["rank0_excluded"][r]) * int(b["queries"]) for b in blocks) / max(total, 1)
+                             for r in blocks[0]["rank0_excluded"]}
+  return out
+
+
+def run_index(embeddings_root, output_root, *, gallery: str = "train", queries: Sequence[str] = ("train",),
+              settings: Mapping[str, Any] | None = None, mesh=None, progress: bool = True,
+              overwrite: bool = False) -> dict:
+  """Every query split against the gallery split; returns {split: manifest}."""
+  from geotoken_jax import embeddings as embeddings_lib  # pylint: disable=g-import-not-at-top
+
+  root = epath.Path(embeddings_root)
+  gallery_store = embeddings_lib.open_embeddings(root / gallery)
+  out = {}
+  for split in queries:
+    query_store = gallery_store if split == gallery else embeddings_lib.open_embeddings(root / split)
+    out[split] = index_split(query_store, gallery_store, epath.Path(output_root) / split,
+                             settings=settings or {}, same_split=split == gallery, mesh=mesh, progress=progress,
+                             overwrite=overwrite)
+  return out
+
+
+# ---------------------------------------------------------------------------
+# Reading neighbour lists back.
+
+
+class Neighbors:
+  """A complete neighbour file set: indices [Q, K] int64 and scores [Q, K] float32 (memory-mapped
+  per block), the manifest and its statistics."""
+
+  def __init__(self, directory: epath.Path, manifest: dict):
+    self.directory = directory
+    self.manifest = manifest
+    self.num_queries = int(manifest["num_queries"])
+    self.k = int(manifest["k"])
+    self.stats = manifest.get("stats", {})
+
+  def _load(self, name: str) -> np.ndarray:
+    parts = []
+    for block in self.manifest["blocks"]:
+      path = self.directory / block["files"][name]
+      parts.append(np.load(path, mmap_mode="r") if isinstance(path, epath.Path) and str(path).startswith("/")
+                   else np.load(path.open("rb")))
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+  @property
+  def indices(self) -> np.ndarray:
+    if not hasattr(self, "_indices"):
+      self._indices = self._load("indices")
+    return self._indices
+
+  @property
+  def scores(self) -> np.ndarray:
+    if not hasattr(self, "_scores"):
+      self._scores = self._load("scores")
+    return self._scores
+
+  @property
+  def gallery_identity(self) -> dict:
+    return self.manifest["identity"]["gallery"]
+
+  @property
+  def query_identity(self) -> dict:
+    return self.manifest["identity"]["query"]
+
+
+def open_neighbors(directory) -> Neighbors:
+  directory = epath.Path(directory)
+  path = directory / MANIFEST
+  if not path.exists():
+    raise FileNotFoundError(f"{path} does not exist: run the index job (python -m geotoken_jax.index) first")
+  manifest = json.loads(path.read_text())
+  if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+    raise ValueError(f"{path} is not a {FORMAT} version {VERSION} manifest")
+  if not manifest["complete"]:
+    done = manifest["blocks"][-1]["rows"][1] if manifest["blocks"] else 0
+    raise ValueError(f"{directory} is incomplete ({done} of {manifest['num_queries']} queries): rerun the "
+                     "index job with the same settings to finish it")
+  return Neighbors(directory, manifest)
