@@ -334,4 +334,7 @@ def test_a_queue_of_encoder_outputs_gives_the_same_loss_as_re_encoding():
   graphdef, state = nnx.split(model)
   loss = jax.jit(lambda st, b, q: align.contrastive_loss(nnx.merge(graphdef, st), b, q)[0])
   loss_raw, loss_stored = loss(state, batch, raw), loss(state, batch, stored)
-  np.testing.assert_allclose(float(loss_stored), float(loss_raw), rtol=1e-6)
+  # The stored outputs come from an eager call, the re-encoded ones from inside the jitted loss:
+  # float32 rounding of the σ = 256 capsule's large phases differs between the two programs
+  # (measured up to 2e-6 relative); a wrong queue entry would move the loss by far more.
+  np.testing.assert_allclose(float(loss_stored), float(loss_raw), rtol=2e-5)
