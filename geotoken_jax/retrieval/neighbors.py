@@ -239,6 +239,7 @@ def index_split(query_store, gallery_store, output_dir, *, settings: Mapping[str
       _write_atomic(path, json.dumps(manifest, indent=1).encode())
   manifest = _broadcast_json(manifest)
   if manifest["complete"]:
+    manifest["stats"] = combine_stats([b["stats"] for b in manifest["blocks"]])
     return manifest
 
   gallery = SearchRows(gallery_store, fields)
@@ -275,17 +276,18 @@ def index_split(query_store, gallery_store, output_dir, *, settings: Mapping[str
 
 
 def combine_stats(blocks: Sequence[dict]) -> dict:
-  """The split's statistics from its blocks' SearchResult.stats()."""
+  """The split's statistics from its blocks' SearchResult.stats(): counts summed, the fractions
+  of queries whose unfiltered rank 0 was excluded (per reason) weighted by block size."""
   total = sum(int(b["queries"]) for b in blocks)
-  out = {"queries": total, "k": blocks[0]["k"] if blocks else 0}
-  for key in ("excluded_in_top_k", "short_rows"):
-    if blocks and key in blocks[0]:
-      first = blocks[0][key]
-      out[key] = ({r: sum(int(b[key][r]) for b in blocks) for r in first} if isinstance(first, dict)
-                  else sum(int(b[key]) for b in blocks))
-  if blocks and "rank0_excluded" in blocks[0]:
-    out["rank0_excluded"] = {r: sum(float(b["rank0_excluded"][r]) * int(b["queries"]) for b in blocks) / max(total, 1)
-                             for r in blocks[0]["rank0_excluded"]}
+  out = {"queries": total, "k": int(blocks[0]["k"]) if blocks else 0}
+  if not blocks:
+    return out
+  out["rank0_excluded_fraction"] = {
+      reason: sum(float(b["rank0_excluded_fraction"][reason]) * int(b["queries"]) for b in blocks) / max(total, 1)
+      for reason in blocks[0]["rank0_excluded_fraction"]}
+  out["excluded_in_top_k"] = {reason: sum(int(b["excluded_in_top_k"][reason]) for b in blocks)
+                              for reason in blocks[0]["excluded_in_top_k"]}
+  out["queries_with_fewer_than_k"] = sum(int(b["queries_with_fewer_than_k"]) for b in blocks)
   return out
 
 
