@@ -72,8 +72,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.retrieval = ml_collections.ConfigDict({
       "k": k, "alignment_workdir": "align", "embeddings": "embeddings", "neighbors": "neighbors",
       "gallery": "train", "fields": ("image", "loc_head"),
-      "search_k": 32, "dtype": "bfloat16", "chunk_rows": 262144, "query_batch": 4096, "margin": 16,
-      "block_rows": 262144, "same_id": True, "duplicate_km": 1.0, "duplicate_similarity": 0.95, "group": "",
+      # 8 GPUs: 32,768 gallery rows per device per step, [16384, 32768] fp32 scores (2 GB) each;
+      # blocks of 1 M queries read the 14.5 GB gallery 5 times in all.
+      "search_k": 32, "dtype": "bfloat16", "chunk_rows": 262144, "query_batch": 16384, "margin": 16,
+      "block_rows": 1048576, "same_id": True, "duplicate_km": 1.0, "duplicate_similarity": 0.95, "group": "",
       "dropout": 0.0, "shuffle": False,
   })
   config.data.update(image_size=224, augment=False)  # the images only feed the aligner

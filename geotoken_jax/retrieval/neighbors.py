@@ -47,7 +47,7 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
-from geotoken_jax import s2
+from geotoken_jax import s2, sharding
 from geotoken_jax.retrieval.search import Exclusion, search as exact_search
 
 FORMAT = "geotoken-neighbors"
@@ -242,6 +242,8 @@ def index_split(query_store, gallery_store, output_dir, *, settings: Mapping[str
     manifest["stats"] = combine_stats([b["stats"] for b in manifest["blocks"]])
     return manifest
 
+  if mesh is None:  # every device of every process: each host reads only its rows of each chunk
+    mesh = sharding.create_mesh({"data": -1, "fsdp": 1})
   gallery = SearchRows(gallery_store, fields)
   gallery_latlng = np.asarray(gallery_store.latlng, np.float32)
   gallery_ids = id_hashes(gallery_store.ids) if settings["same_id"] and gallery_store.ids is not None else None
