@@ -23,7 +23,8 @@ from geotoken_jax import command_line as cl
 
 _EMBEDDINGS = flags.DEFINE_string("embeddings", None, "folder of embedding stores, one per split")
 _GALLERY = flags.DEFINE_string("gallery", None, "the split searched (default: retrieval.gallery or train)")
-_QUERIES = flags.DEFINE_list("queries", None, "query splits (default: the gallery split itself)")
+_QUERIES = flags.DEFINE_list("queries", None, "query splits (default: the config's recipe.splits, else the "
+                              "gallery split itself)")
 _K = flags.DEFINE_integer("k", None, "neighbours kept per query (default: retrieval.search_k or 32)")
 _FIELDS = flags.DEFINE_list("fields", None, "embedding fields searched (default image,loc_head)")
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "product dtype (bfloat16: fp32 rescoring)")
@@ -68,7 +69,8 @@ def main(argv: Sequence[str]) -> int:
     gallery = _GALLERY.value or str(config.retrieval.gallery)
   else:
     embeddings_root, output_root, gallery = _EMBEDDINGS.value, cl.OUTPUT.value, _GALLERY.value or "train"
-  queries = _QUERIES.value or [gallery]
+  default_queries = list(config.recipe.splits) if config is not None and "recipe" in config else [gallery]
+  queries = _QUERIES.value or default_queries
   try:
     manifests = neighbors.run_index(embeddings_root, output_root, gallery=gallery, queries=queries,
                                     settings=settings, overwrite=_OVERWRITE.value)

@@ -902,7 +902,8 @@ def run_embedding(workdir, output_dir, *, split: str | None = None, source=None,
     source = data.FirstRows(source, limit)
   global_batch = int(batch_size or evaluate_config(config).batch_size)
   identity = {"workdir": str(workdir), "step": restored.step, "split": split,
-              "model": json.loads(config.model.to_json_best_effort())}
+              "model": json.loads(config.model.to_json_best_effort()),
+              "tokens": {"level": restored.spec.level, "group_size": restored.spec.group_size}}
   return embeddings.write_embeddings(embed_function(restored), source, output_dir, mesh=restored.mesh,
                                      global_batch_size=global_batch, dtype=dtype, fields=fields,
                                      manifest_extra=identity, shard_rows=shard_rows, overwrite=overwrite)
@@ -931,10 +932,19 @@ class OnlineRetrieval:
     self.settings = neighbors.settings_from_config(config.retrieval)
     self.k = int(config.retrieval.k)
     self.image_size = image_size(self.aligner.config.model)
+    if not models.align.is_alignment(config.model) and config.model.encoder != "features" and (
+        image_size(config.model) != self.image_size):
+      raise ValueError(f"the model reads {image_size(config.model)}px images and its aligner "
+                       f"{self.image_size}px: online retrieval feeds one batch of images to both")
     self._search = retrieval.search
+    self._gallery_ids = (neighbors.id_hashes(self.gallery.store.ids)
+                         if self.settings["same_id"] and self.gallery.store.ids is not None else None)
+    self._gallery_groups = neighbors.group_keys(self.settings["group"], self.gallery.latlng, self.gallery.store) \
+        if str(self.settings["group"]).startswith("s2_cell") else None
 
   def __call__(self, local: dict) -> dict:
     from geotoken_jax.retrieval import join, neighbors  # pylint: disable=g-import-not-at-top
+    from geotoken_jax.retrieval.search import Exclusion  # pylint: disable=g-import-not-at-top
 
     images = np.asarray(local["image"])
     if images.shape[1] != self.image_size:
@@ -944,9 +954,24 @@ class OnlineRetrieval:
     fields = self.gallery.fields
     host = {f: np.asarray(multihost_utils.process_allgather(embedded[f], tiled=True), np.float32)
             for f in fields}  # [global batch, dim]: every process searches every query
+    # The index's leak rules apply here too (a test photo that is also in the gallery, a
+    # near-duplicate): the same neighbours as stored lists would give.
+    gather = lambda x: np.asarray(multihost_utils.process_allgather(np.asarray(x), tiled=True))  # noqa: E731
+    rules = {}
+    if "latlng" in local and float(self.settings["duplicate_km"]) > 0:
+      rules.update(query_latlng=gather(np.asarray(local["latlng"], np.float32)), gallery_latlng=self.gallery.latlng,
+                   duplicate_km=float(self.settings["duplicate_km"]),
+                   duplicate_similarity=float(self.settings["duplicate_similarity"]))
+    if "id" in local and self._gallery_ids is not None:
+      rules.update(query_ids=gather(neighbors.id_hashes(local["id"])), gallery_ids=self._gallery_ids)
+    if "latlng" in local and self._gallery_groups is not None:
+      latlng = gather(np.asarray(local["latlng"], np.float32))
+      rules.update(query_groups=neighbors.group_keys(self.settings["group"], latlng),
+                   gallery_groups=self._gallery_groups)
+    exclusion = Exclusion(**rules) if rules else None
     result = self._search(neighbors.search_vectors([host[f] for f in fields]), self._rows, self.k, mesh=self.mesh,
                           chunk_rows=int(self.settings["chunk_rows"]), query_batch=int(self.settings["query_batch"]),
-                          dtype=str(self.settings["dtype"]), margin=int(self.settings["margin"]))
+                          dtype=str(self.settings["dtype"]), margin=int(self.settings["margin"]), exclusion=exclusion)
     b = images.shape[0]
     mine = slice(jax.process_index() * b, (jax.process_index() + 1) * b)
     query = join.stacked_fields([host[f][mine] for f in fields], self.gallery.feature_dim)

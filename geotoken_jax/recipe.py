@@ -41,6 +41,17 @@ def _log(message: str) -> None:
     print(f"[recipe] {message}", flush=True)
 
 
+def _complete_store(directory, num_records: int) -> bool:
+  """A finished embedding store of this many records (a changed aligner is caught later: the
+  index and the neighbour join compare the stores' checksums)."""
+  from geotoken_jax import embeddings  # pylint: disable=g-import-not-at-top
+
+  try:
+    return embeddings.open_embeddings(directory).num_records == num_records
+  except (FileNotFoundError, ValueError):
+    return False
+
+
 def _timed(timings: dict, name: str, fn):
   start = time.perf_counter()
   out = fn()
@@ -72,6 +83,9 @@ def run_recipe(config: ml_collections.ConfigDict, workdir) -> dict:
   splits = list(dict.fromkeys([str(config.retrieval.gallery), *recipe.splits]))
   for split in splits:
     output = sources.embeddings_dir(config, workdir, split)
+    if _complete_store(output, len(data.get_source(config.data, split, spec))):
+      _log(f"embed: {split} done ({output})")
+      continue
     _log(f"embed: {split} -> {output}")
     _timed(timings, f"embed_{split}", lambda: inference.run_embedding(  # noqa: B023
         align_dir, output, source=data.get_source(config.data, split, spec), split_label=split,  # noqa: B023

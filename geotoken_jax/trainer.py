@@ -415,6 +415,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
   predictor = inference.Predictor(
       setup.graphdef, None, setup.state_shardings["params"], mesh, spec, wanted,
       loss_weights=_position_weights(config, spec), is_aligner=alignment,
+      knn_temperature=float(inference.evaluate_config(config).knn_temperature),
       gallery=inference.load_gallery(config, spec) if any(s.kind == "gallery" for s in wanted) else None)
 
   def run_eval(split: str, params, refresh: bool = True) -> dict:

@@ -127,6 +127,9 @@ class Strategy:
         raise ValueError(f"{self.name}: {self.kind} needs K >= 1 candidates")
       if self.trie_min_count or self.temperature != 1.0:
         raise ValueError(f"{self.name}: a {self.kind} strategy takes no trie or temperature")
+    if self.kind == "knn" and self.rule in SCORE_RULES:
+      raise ValueError(f"{self.name}: a kNN pool is ranked by its own similarities; use logprob, vote, "
+                       "wvote, medoid or mean")
     if self.kind == "sample":
       if self.num_samples < 1:
         raise ValueError(f"{self.name}: the number of samples must be >= 1")

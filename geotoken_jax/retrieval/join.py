@@ -17,8 +17,11 @@ a neighbour file built for another split, order or limit is refused instead of
 silently feeding the wrong features.  Training options (seeded by the stream
 position, so a resumed run sees the same lists): `dropout` replaces each of the K
 neighbours with probability p by one from deeper in its list (ranks K .. K_stored - 1;
-a random gallery row when the list is no longer) -- retrieval noise the model must
-learn to distrust; `shuffle` permutes the K (the model cannot rely on rank order).
+a list with nothing deeper keeps its own) -- retrieval noise the model must learn to
+distrust; `shuffle` permutes the K (the model cannot rely on rank order).  A list
+shorter than K (a gallery smaller than K plus the excluded rows; the index statistics
+count them) fills the rest with token 0, zero features and score 0, neighbor_valid False.
+Lists searched in other embeddings than the stores hold now (checksums) are refused.
 """
 
 from __future__ import annotations
@@ -44,9 +47,19 @@ class Gallery:
     self.feature_dim = max(store.dims[f] for f in self.fields)
     self.latlng = np.asarray(store.latlng, np.float32)  # [G, 2]
     tokens = store.tokens
-    if tokens is None or tokens.shape[1] != spec.num_positions:
+    # Stored tokens were made with the aligner's token spec: used only when it is this one
+    # (else recomputed from the stored float32 coordinates).
+    written = (store.manifest.get("extra") or {}).get("tokens")
+    same_spec = written is not None and (int(written["level"]), int(written["group_size"])) == (
+        spec.level, spec.group_size)
+    if tokens is None or not same_spec or tokens.shape[1] != spec.num_positions:
       latlng = self.latlng.astype(np.float64)
-      tokens = s2.latlng_to_tokens(latlng[:, 0], latlng[:, 1], spec)
+      recomputed = s2.latlng_to_tokens(latlng[:, 0], latlng[:, 1], spec)
+      # A store that does not say its spec: its tokens (from float64 coordinates) are kept when
+      # they are this spec's (all but the float32-rounding cases at the finest level agree).
+      agree = tokens is not None and tokens.shape == recomputed.shape and written is None and (
+          np.mean(np.all(tokens == recomputed, axis=1)) >= 0.99)
+      tokens = tokens if agree else recomputed
     self.tokens = np.asarray(tokens, np.int32)  # [G, P]
 
   def __len__(self) -> int:
@@ -88,7 +101,8 @@ class RetrievalSource:
   """A source whose records carry their neighbours (module docstring)."""
 
   def __init__(self, source, *, query_store, neighbors, gallery: Gallery, k: int, dropout: float = 0.0,
-               shuffle: bool = False, seed: int = 0, keep_image: bool = True, name: str = ""):
+               shuffle: bool = False, seed: int = 0, keep_image: bool = True, name: str = "",
+               training: bool = False):
     n = len(source)
     # A source may be a prefix of the split (eval_limit, --limit): rows are matched by
     # number and every batch's coordinates are checked against the embeddings'.
@@ -100,13 +114,23 @@ class RetrievalSource:
       raise ValueError(f"{k} neighbours asked, the lists of {neighbors.directory} hold {neighbors.k}")
     if not 0.0 <= dropout < 1.0:
       raise ValueError(f"neighbour dropout must be in [0, 1), got {dropout}")
-    if neighbors.gallery_identity["records"] != len(gallery):
-      raise ValueError(f"{neighbors.directory} was searched in a gallery of {neighbors.gallery_identity['records']} "
-                       f"rows, the gallery has {len(gallery)}")
+    from geotoken_jax.retrieval.neighbors import store_identity  # pylint: disable=g-import-not-at-top
+
+    for side, store in (("gallery", gallery.store), ("query", query_store)):
+      if neighbors.manifest["identity"][side]["checksum"] != store_identity(store)["checksum"]:
+        raise ValueError(f"{neighbors.directory} was searched with other {side} embeddings than "
+                         f"{store.directory} holds now (re-embedded?): rerun the index stage")
     self._source, self._query_store, self._neighbors, self._gallery = source, query_store, neighbors, gallery
     self.k, self.dropout, self.shuffle, self.seed = int(k), float(dropout), bool(shuffle), int(seed)
     self.keep_image = keep_image
     self.name = name
+    # Training a feature model needs no pixels: tokens and coordinates come from the source's
+    # index (no JPEG decoded per example); evaluation reads whole records (ids, countries).
+    self._metadata = None
+    if training and not keep_image and hasattr(source, "index_arrays"):
+      index = source.index_arrays()
+      self._metadata = {"tokens": np.asarray(index["tokens"], np.int32),
+                        "latlng": np.asarray(index["latlng"], np.float32)}
     self.rejected = int(getattr(source, "rejected", 0))
 
   @property
@@ -126,8 +150,8 @@ class RetrievalSource:
     return self._source.index_arrays()
 
   def _lists(self, indices: np.ndarray, positions) -> tuple[np.ndarray, np.ndarray]:
-    stored = np.asarray(self._neighbors.indices[indices])  # [B, K_stored]
-    scores = np.asarray(self._neighbors.scores[indices], np.float32)
+    stored = self._neighbors.rows("indices", indices)  # [B, K_stored]
+    scores = self._neighbors.rows("scores", indices).astype(np.float32)
     if positions is None or not (self.dropout or self.shuffle):
       return stored[:, :self.k], scores[:, :self.k]
     out_i = np.empty((indices.size, self.k), np.int64)
@@ -135,20 +159,13 @@ class RetrievalSource:
     for row, position in enumerate(np.asarray(positions)):
       rng = np.random.default_rng([self.seed, int(position), 0x6E6E])
       order = np.arange(self.k)
-      if self.dropout:
-        dropped = np.flatnonzero(rng.random(self.k) < self.dropout)
+      if self.dropout:  # valid slots only, replaced by valid deeper ranks (a short list keeps its own)
+        dropped = np.flatnonzero((rng.random(self.k) < self.dropout) & (stored[row, :self.k] >= 0))
         deeper = np.arange(self.k, stored.shape[1])
         deeper = deeper[stored[row, deeper] >= 0]
         take = rng.permutation(deeper)[:dropped.size]
-        order = order.astype(np.int64)
         order[dropped[:take.size]] = take
-        rest = dropped[take.size:]
-      else:
-        rest = np.zeros(0, np.int64)
       picked_i, picked_s = stored[row, order].copy(), scores[row, order].copy()
-      if rest.size:  # the list is too short: random gallery rows, with their scores unknown (0)
-        picked_i[rest] = rng.integers(0, len(self._gallery), rest.size)
-        picked_s[rest] = 0.0
       if self.shuffle:
         perm = rng.permutation(self.k)
         picked_i, picked_s = picked_i[perm], picked_s[perm]
@@ -157,7 +174,10 @@ class RetrievalSource:
 
   def get_batch(self, indices, positions=None) -> dict:
     indices = np.asarray(indices, np.int64)
-    batch = pipeline.load_rows(self._source, indices, positions=positions)
+    if self._metadata is not None:
+      batch = {key: value[indices] for key, value in self._metadata.items()}
+    else:
+      batch = pipeline.load_rows(self._source, indices, positions=positions)
     if not self.keep_image:
       batch.pop("image", None)
     stored = np.asarray(self._query_store.rows("latlng", indices), np.float32)

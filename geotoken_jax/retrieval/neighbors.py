@@ -37,6 +37,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -54,6 +55,7 @@ FORMAT = "geotoken-neighbors"
 VERSION = 1
 MANIFEST = "manifest.json"
 
+PERFORMANCE_SETTINGS = ("chunk_rows", "query_batch")
 DEFAULT_SETTINGS = dict(
     fields=("image", "loc_head"), k=32, dtype="float32", chunk_rows=65536, query_batch=1024, margin=16,
     block_rows=65536, same_id=True, duplicate_km=1.0, duplicate_similarity=0.95, group="")
@@ -72,6 +74,11 @@ def settings_from_config(retrieval_config) -> dict:
 
 # ---------------------------------------------------------------------------
 # Search vectors, ids and groups from an embedding store.
+
+
+def split_dir_name(split: str) -> str:
+  """A split's folder name under the embeddings / neighbours roots ("yfcc4k:test" -> "yfcc4k-test")."""
+  return re.sub(r"[^A-Za-z0-9._=-]+", "-", split)
 
 
 def id_hashes(ids: np.ndarray) -> np.ndarray:
@@ -174,8 +181,10 @@ def _exclusion(query_store, gallery_store, query_rows: np.ndarray, settings: dic
                   duplicate_km=float(settings["duplicate_km"]),
                   duplicate_similarity=float(settings["duplicate_similarity"]))
   if gallery_groups is not None:
-    fields.update(query_groups=group_keys(settings["group"], query_latlng, query_store),
-                  gallery_groups=gallery_groups)
+    groups = group_keys(settings["group"], query_latlng, query_store)
+    if groups.shape[0] != query_rows.size:  # a column rule gives the whole store's column
+      groups = groups[query_rows]
+    fields.update(query_groups=groups, gallery_groups=gallery_groups)
   return Exclusion(**fields) if fields else None
 
 
@@ -217,8 +226,10 @@ def index_split(query_store, gallery_store, output_dir, *, settings: Mapping[str
   k, block_rows = int(settings["k"]), int(settings["block_rows"])
   if k < 1 or block_rows < 1:
     raise ValueError(f"k and block_rows must be >= 1, got {k}, {block_rows}")
+  # chunk_rows and query_batch change memory and speed, not results: a run may resume with others.
+  result_settings = {k: v for k, v in settings.items() if k not in PERFORMANCE_SETTINGS}
   identity = {"query": store_identity(query_store), "gallery": store_identity(gallery_store),
-              "same_split": bool(same_split), "settings": {**settings, "fields": list(fields)}}
+              "same_split": bool(same_split), "settings": {**result_settings, "fields": list(fields)}}
   num_queries = query_store.num_records
   manifest = None
   if jax.process_index() == 0:
@@ -226,10 +237,11 @@ def index_split(query_store, gallery_store, output_dir, *, settings: Mapping[str
     if path.exists():
       manifest = json.loads(path.read_text())
       if manifest.get("identity") != json.loads(json.dumps(identity)):
-        if not overwrite:
-          raise ValueError(f"{output_dir} holds neighbours searched with other embeddings or settings; "
-                           "pass overwrite=True (--overwrite) or choose another output")
-        manifest = None
+        if not overwrite:  # raised on every process below, so none waits in a collective
+          manifest = {"error": f"{output_dir} holds neighbours searched with other embeddings or settings; "
+                               "pass overwrite=True (--overwrite) or choose another output"}
+        else:
+          manifest = None
     if manifest is None:
       output_dir.mkdir(parents=True, exist_ok=True)
       for name in ("indices", "scores"):
@@ -238,6 +250,8 @@ def index_split(query_store, gallery_store, output_dir, *, settings: Mapping[str
                   "k": k, "block_rows": block_rows, "blocks": [], "complete": False, "timings": []}
       _write_atomic(path, json.dumps(manifest, indent=1).encode())
   manifest = _broadcast_json(manifest)
+  if "error" in manifest:
+    raise ValueError(manifest["error"])
   if manifest["complete"]:
     manifest["stats"] = combine_stats([b["stats"] for b in manifest["blocks"]])
     return manifest
@@ -300,11 +314,11 @@ def run_index(embeddings_root, output_root, *, gallery: str = "train", queries: 
   from geotoken_jax import embeddings as embeddings_lib  # pylint: disable=g-import-not-at-top
 
   root = epath.Path(embeddings_root)
-  gallery_store = embeddings_lib.open_embeddings(root / gallery)
+  gallery_store = embeddings_lib.open_embeddings(root / split_dir_name(gallery))
   out = {}
   for split in queries:
-    query_store = gallery_store if split == gallery else embeddings_lib.open_embeddings(root / split)
-    out[split] = index_split(query_store, gallery_store, epath.Path(output_root) / split,
+    query_store = gallery_store if split == gallery else embeddings_lib.open_embeddings(root / split_dir_name(split))
+    out[split] = index_split(query_store, gallery_store, epath.Path(output_root) / split_dir_name(split),
                              settings=settings or {}, same_split=split == gallery, mesh=mesh, progress=progress,
                              overwrite=overwrite)
   return out
@@ -325,13 +339,22 @@ class Neighbors:
     self.k = int(manifest["k"])
     self.stats = manifest.get("stats", {})
 
-  def _load(self, name: str) -> np.ndarray:
+  def _load(self, name: str):
+    """The blocks memory-mapped (local) or read (remote), as one row view (never concatenated)."""
+    from geotoken_jax.retrieval.search import ConcatRows  # pylint: disable=g-import-not-at-top
+
     parts = []
     for block in self.manifest["blocks"]:
       path = self.directory / block["files"][name]
-      parts.append(np.load(path, mmap_mode="r") if isinstance(path, epath.Path) and str(path).startswith("/")
-                   else np.load(path.open("rb")))
-    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+      local = str(path).startswith("/")
+      parts.append(np.load(str(path), mmap_mode="r") if local else np.load(path.open("rb")))
+    return parts[0] if len(parts) == 1 else ConcatRows(parts)
+
+  def rows(self, name: str, indices) -> np.ndarray:
+    """indices / scores of queries `indices` [n] -> [n, K]."""
+    array = self.indices if name == "indices" else self.scores
+    indices = np.asarray(indices, np.int64)
+    return np.asarray(array[indices]) if isinstance(array, np.ndarray) else array.take(indices)
 
   @property
   def indices(self) -> np.ndarray:

@@ -17,8 +17,6 @@ retrieval-augmented model: its checkpoints, its aligner, its gallery, its lists.
 
 from __future__ import annotations
 
-import re
-
 from etils import epath
 
 from geotoken_jax import data, s2
@@ -39,16 +37,12 @@ def resolve(workdir, path: str) -> epath.Path:
   return epath.Path(workdir) / path
 
 
-def split_dir_name(split: str) -> str:
-  return re.sub(r"[^A-Za-z0-9._=-]+", "-", split)
-
-
 def embeddings_dir(config, workdir, split: str) -> epath.Path:
-  return resolve(workdir, config.retrieval.embeddings) / split_dir_name(split)
+  return resolve(workdir, config.retrieval.embeddings) / neighbors.split_dir_name(split)
 
 
 def neighbors_dir(config, workdir, split: str) -> epath.Path:
-  return resolve(workdir, config.retrieval.neighbors) / split_dir_name(split)
+  return resolve(workdir, config.retrieval.neighbors) / neighbors.split_dir_name(split)
 
 
 def alignment_workdir(config, workdir) -> epath.Path:
@@ -82,7 +76,7 @@ def wrap_source(config, workdir, split: str, source, spec: s2.TokenSpec, *, gall
   return join.RetrievalSource(source, query_store=query_store, neighbors=lists, gallery=gallery, k=int(r.k),
                               dropout=float(r.get("dropout", 0.0)) if training else 0.0,
                               shuffle=bool(r.get("shuffle", False)) if training else False,
-                              seed=int(config.seed), keep_image=keep_image, name=split)
+                              seed=int(config.seed), keep_image=keep_image, name=split, training=training)
 
 
 def get_source(config, workdir, split: str, spec: s2.TokenSpec, *, seed: int = 0, gallery=None):
@@ -106,8 +100,9 @@ def check_model(config, gallery: join.Gallery | None = None) -> None:
   if int(model.features.num_neighbors) != int(r.k):
     raise ValueError(f"retrieval.k ({r.k}) must equal model.features.num_neighbors "
                      f"({model.features.num_neighbors})")
-  if int(r.k) > int(r.get("search_k", r.k)):
-    raise ValueError(f"retrieval.k ({r.k}) must be <= retrieval.search_k ({r.search_k}): the lists hold search_k")
+  search_k = int(neighbors.settings_from_config(r)["k"])
+  if int(r.k) > search_k:
+    raise ValueError(f"retrieval.k ({r.k}) must be <= retrieval.search_k ({search_k}): the lists hold search_k")
   if str(model.encoder) == "features":
     if int(model.features.num_features) != len(tuple(r.fields)):
       raise ValueError(f"model.features.num_features ({model.features.num_features}) must equal the number of "
