@@ -192,6 +192,15 @@ def test_join_gives_each_example_its_neighbours_tokens_and_features(store, lists
     join.RetrievalSource(FeatureSource(arrays), query_store=gallery_store, neighbors=lists, gallery=gallery, k=9)
 
 
+def test_lists_searched_in_other_embeddings_are_refused(store, lists, tmp_path):
+  _, arrays, gallery_store = store
+  changed = dict(arrays, f_image=arrays["f_image"] + 1.0)  # re-embedded by another aligner
+  other = write_store(changed, tmp_path / "other")
+  gallery = join.Gallery(other, ("image", "loc_head"), SPEC)
+  with pytest.raises(ValueError, match="other gallery embeddings"):
+    join.RetrievalSource(FeatureSource(changed), query_store=other, neighbors=lists, gallery=gallery, k=5)
+
+
 def test_neighbour_dropout_and_shuffle_are_seeded_by_position(store, lists):
   _, arrays, gallery_store = store
   gallery = join.Gallery(gallery_store, ("image", "loc_head"), SPEC)
