@@ -14,9 +14,9 @@ from geotoken_jax import models, sharding
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   variant = arg or "default"
-  if variant not in ("default", "smoke", "align", "align_smoke", "retrieval", "retrieval_smoke"):
+  if variant not in ("default", "smoke", "align", "align_smoke", "retrieval", "retrieval_smoke", "retrieval_vit"):
     raise ValueError(f"unknown variant {variant!r}: use configs/earth.py[:smoke|:align|:align_smoke|"
-                     ":retrieval|:retrieval_smoke]")
+                     ":retrieval|:retrieval_smoke|:retrieval_vit]")
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.tokens = ml_collections.ConfigDict({"level": 20, "group_size": 2})
@@ -80,7 +80,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if variant.startswith("align"):
     _align(config, smoke=variant == "align_smoke")
   if variant.startswith("retrieval"):
+    model = config.model
     _retrieval(config, smoke=variant == "retrieval_smoke")
+    if variant == "retrieval_vit":  # the ViT of the default variant + the neighbours as extra memory
+      config.model = model
+      config.model.update(neighbor_memory=True)
+      config.model.features.num_neighbors = config.retrieval.k
+      # Fine-tuned from a trained non-retrieval run when init_from names its workdir
+      # (e.g. --config.init_from=workdirs/earth): the shared parameters start there.
+      config.init_from = ""
+      config.num_epochs = 1
+      config.optim.update(learning_rate=3e-4, warmup_steps=50)
   if variant == "smoke":
     config.model.vit.depth = 1
     config.model.decoder_layers = 1

@@ -188,6 +188,19 @@ def is_frozen(config: ml_collections.ConfigDict, path: tuple) -> bool:
   return models.frozen(path, config.model, tuple(config.optim.get("frozen", ())))
 
 
+def _init_from_leaves(config: ml_collections.ConfigDict) -> dict:
+  """{path: array} of the parameters of the run config.init_from names (a workdir; its newest
+  checkpoint): a retrieval model fine-tuned from a non-retrieval one keeps every parameter they
+  share (the new ones, e.g. the neighbour memory, start fresh)."""
+  source = str(config.get("init_from", "") or "")
+  if not source:
+    return {}
+  restored = inference.restore_model(source)
+  flat = jax.tree_util.tree_flatten_with_path(restored.params)[0]
+  # Replicated or fully addressable parameters (one process, or a model small enough to replicate).
+  return {optim.parameter_path(path): np.asarray(jax.device_get(value)) for path, value in flat}
+
+
 def load_pretrained(state: dict, config: ml_collections.ConfigDict) -> dict:
   """Places the pretrained weights the model config names (CLIP tower, GeoCLIP location
   encoder, ...) into the freshly initialized, sharded parameters; every loaded array must
@@ -200,6 +213,7 @@ def load_pretrained(state: dict, config: ml_collections.ConfigDict) -> dict:
       leaves = models.pretrained_leaves(config.model)
   else:
     leaves = models.pretrained_leaves(config.model)
+  leaves = {**leaves, **_init_from_leaves(config)}
   if not leaves:
     return state
   used = set()

@@ -213,6 +213,18 @@ def _broadcast_json(value):
   return json.loads(bytes(multihost_utils.broadcast_one_to_all(buffer)).decode())
 
 
+def _comparable(identity: dict | None) -> dict | None:
+  """An identity without the performance-only settings (older manifests stored them) and the
+  stores' folders."""
+  if identity is None:
+    return None
+  settings = {k: v for k, v in identity.get("settings", {}).items() if k not in PERFORMANCE_SETTINGS}
+  # Stores are named by their content (checksums), not their folder: a moved workdir still matches.
+  stores = {side: {k: v for k, v in identity.get(side, {}).items() if k != "directory"}
+            for side in ("query", "gallery")}
+  return {**identity, **stores, "settings": settings}
+
+
 def index_split(query_store, gallery_store, output_dir, *, settings: Mapping[str, Any], same_split: bool,
                 mesh=None, progress: bool = True, overwrite: bool = False) -> dict:
   """Searches every record of query_store in gallery_store; writes output_dir; returns the manifest."""
@@ -236,7 +248,7 @@ def index_split(query_store, gallery_store, output_dir, *, settings: Mapping[str
     path = output_dir / MANIFEST
     if path.exists():
       manifest = json.loads(path.read_text())
-      if manifest.get("identity") != json.loads(json.dumps(identity)):
+      if _comparable(manifest.get("identity")) != _comparable(json.loads(json.dumps(identity))):
         if not overwrite:  # raised on every process below, so none waits in a collective
           manifest = {"error": f"{output_dir} holds neighbours searched with other embeddings or settings; "
                                "pass overwrite=True (--overwrite) or choose another output"}
