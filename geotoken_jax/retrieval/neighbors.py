@@ -39,15 +39,14 @@ import json
 import math
 import re
 import time
-import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 from etils import epath
-from jax.experimental import multihost_utils
 
+from geotoken_jax import embeddings as embeddings_lib  # the store's atomic writes and broadcasts
 from geotoken_jax import s2, sharding
 from geotoken_jax.retrieval.search import Exclusion, search as exact_search
 
@@ -188,31 +187,6 @@ def _exclusion(query_store, gallery_store, query_rows: np.ndarray, settings: dic
   return Exclusion(**fields) if fields else None
 
 
-def _write_atomic(path: epath.Path, payload: bytes) -> None:
-  tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
-  tmp.write_bytes(payload)
-  tmp.replace(path)
-
-
-def _npy(array: np.ndarray) -> bytes:
-  import io  # pylint: disable=g-import-not-at-top
-
-  buffer = io.BytesIO()
-  np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
-  return buffer.getvalue()
-
-
-def _broadcast_json(value):
-  if jax.process_count() == 1:
-    return value
-  text = json.dumps(value).encode() if jax.process_index() == 0 else b""
-  size = int(multihost_utils.broadcast_one_to_all(np.int64(len(text))))
-  buffer = np.zeros(size, np.uint8)
-  if jax.process_index() == 0:
-    buffer[:] = np.frombuffer(text, np.uint8)
-  return json.loads(bytes(multihost_utils.broadcast_one_to_all(buffer)).decode())
-
-
 def _comparable(identity: dict | None) -> dict | None:
   """An identity without the performance-only settings (older manifests stored them) and the
   stores' folders."""
@@ -260,8 +234,8 @@ def index_split(query_store, gallery_store, output_dir, *, settings: Mapping[str
         (output_dir / name).mkdir(exist_ok=True)
       manifest = {"format": FORMAT, "version": VERSION, "identity": identity, "num_queries": num_queries,
                   "k": k, "block_rows": block_rows, "blocks": [], "complete": False, "timings": []}
-      _write_atomic(path, json.dumps(manifest, indent=1).encode())
-  manifest = _broadcast_json(manifest)
+      embeddings_lib._write_atomic(path, json.dumps(manifest, indent=1).encode())
+  manifest = embeddings_lib._broadcast_json(manifest)
   if "error" in manifest:
     raise ValueError(manifest["error"])
   if manifest["complete"]:
@@ -288,19 +262,19 @@ def index_split(query_store, gallery_store, output_dir, *, settings: Mapping[str
     if jax.process_index() == 0:
       entry = {"rows": [int(rows[0]), int(rows[-1]) + 1], "stats": result.stats(),
                "files": {name: f"{name}/{block:05d}.npy" for name in ("indices", "scores")}}
-      _write_atomic(output_dir / entry["files"]["indices"], _npy(result.indices.astype(np.int64)))
-      _write_atomic(output_dir / entry["files"]["scores"], _npy(result.scores.astype(np.float32)))
+      for name, array in (("indices", result.indices.astype(np.int64)), ("scores", result.scores.astype(np.float32))):
+        embeddings_lib._write_atomic(output_dir / entry["files"][name], embeddings_lib._npy_bytes(array))
       manifest["blocks"].append(entry)
       manifest["complete"] = len(manifest["blocks"]) == num_blocks
       if manifest["complete"]:
         manifest["stats"] = combine_stats([b["stats"] for b in manifest["blocks"]])
-      _write_atomic(output_dir / MANIFEST, json.dumps(manifest, indent=1).encode())
+      embeddings_lib._write_atomic(output_dir / MANIFEST, json.dumps(manifest, indent=1).encode())
   seconds = time.perf_counter() - start_time
   if jax.process_index() == 0:
     manifest["timings"].append({"queries": searched, "seconds": seconds,
                                 "queries_per_second": searched / max(seconds, 1e-9)})
-    _write_atomic(output_dir / MANIFEST, json.dumps(manifest, indent=1).encode())
-  return _broadcast_json(manifest)
+    embeddings_lib._write_atomic(output_dir / MANIFEST, json.dumps(manifest, indent=1).encode())
+  return embeddings_lib._broadcast_json(manifest)
 
 
 def combine_stats(blocks: Sequence[dict]) -> dict:
@@ -323,8 +297,6 @@ def run_index(embeddings_root, output_root, *, gallery: str = "train", queries: 
               settings: Mapping[str, Any] | None = None, mesh=None, progress: bool = True,
               overwrite: bool = False) -> dict:
   """Every query split against the gallery split; returns {split: manifest}."""
-  from geotoken_jax import embeddings as embeddings_lib  # pylint: disable=g-import-not-at-top
-
   root = epath.Path(embeddings_root)
   gallery_store = embeddings_lib.open_embeddings(root / split_dir_name(gallery))
   out = {}
