@@ -45,16 +45,14 @@ import math
 import os
 import re
 import time
-import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 from etils import epath
-from jax.experimental import multihost_utils
 
-from geotoken_jax import data, inference, sharding
+from geotoken_jax import data, runtime, sharding
 
 FORMAT = "geotoken-embeddings"
 VERSION = 1
@@ -70,74 +68,7 @@ class SettingsMismatchError(ValueError):
 
 
 # ---------------------------------------------------------------------------
-# Small helpers.
-
-
-def _npy_bytes(array: np.ndarray) -> bytes:
-  buffer = io.BytesIO()
-  np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)  # C order: the same bytes on any run
-  return buffer.getvalue()
-
-
-def _write_atomic(path: epath.Path, payload: bytes) -> None:
-  """Write under a temporary name, then rename: a reader never sees half a file."""
-  tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex}"
-  tmp.write_bytes(payload)
-  tmp.replace(path)
-
-
-def _sha256(path: epath.Path) -> str:
-  digest = hashlib.sha256()
-  with path.open("rb") as f:
-    for chunk in iter(lambda: f.read(1 << 24), b""):
-      digest.update(chunk)
-  return digest.hexdigest()
-
-
-def _jsonable(value: Any) -> Any:
-  """`value` as it reads back from JSON (tuples -> lists, ConfigDicts -> dicts), so that
-  the model identity compares equal across runs."""
-  def default(obj):
-    if hasattr(obj, "to_dict"):
-      return obj.to_dict()
-    if isinstance(obj, np.generic):
-      return obj.item()
-    raise TypeError(f"manifest_extra holds {type(obj).__name__} {obj!r}, which JSON cannot store")
-
-  return json.loads(json.dumps(value, default=default))
-
-
-def _broadcast_json(value: Any) -> Any:
-  """Process 0's JSON-able value on every process."""
-  if jax.process_count() == 1:
-    return value
-  payload = np.frombuffer(json.dumps(value).encode(), np.uint8) if jax.process_index() == 0 else None
-  size = int(multihost_utils.broadcast_one_to_all(np.int32(0 if payload is None else payload.size)))
-  buffer = np.zeros(size, np.uint8)
-  if payload is not None:
-    buffer[:] = payload
-  return json.loads(bytes(np.asarray(multihost_utils.broadcast_one_to_all(buffer))).decode())
-
-
-def _allgather(x) -> np.ndarray:
-  """Every process's rows of a batch array (a global jax.Array or this process's
-  host rows), concatenated in process order, on every process."""
-  if jax.process_count() == 1:
-    return np.asarray(x)
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
-def _allgather_text(values: np.ndarray) -> np.ndarray:
-  """String ids of every process's rows: UTF-8 bytes padded to the longest, gathered.
-  (Reading the other processes' rows from the source would decode their images.)"""
-  encoded = [v if isinstance(v, bytes) else str(v).encode() for v in values]
-  width = max([1] + [len(e) for e in encoded])
-  width = int(np.max(multihost_utils.process_allgather(np.int32(width))))
-  buffer = np.zeros((len(encoded), width), np.uint8)
-  for row, e in enumerate(encoded):
-    buffer[row, :len(e)] = np.frombuffer(e, np.uint8)
-  gathered = np.asarray(multihost_utils.process_allgather(buffer, tiled=True))  # [G, width]
-  return np.asarray([bytes(row).rstrip(b"\0").decode() for row in gathered], dtype=object)
+# Ids.
 
 
 def _id_column(values: np.ndarray) -> np.ndarray:
@@ -183,7 +114,7 @@ def embedded_batches(embed_fn: Callable[[dict], Mapping[str, jax.Array]], source
                      ) -> Iterator[tuple[np.ndarray, dict, dict]]:
   """(global rows [G], gathered host fields, gathered embeddings) for every global batch.
 
-  The row arithmetic of inference.predict_batches: process p loads rows
+  The row arithmetic of inference.predictor.predict_batches: process p loads rows
   (number * P + p) * B + arange(B) of batch `number`, so the global batch holds
   rows number * G + arange(G) in order; rows >= len(source) are padding (the last
   record repeated).  Every process runs this in step (collectives).  Host
@@ -199,15 +130,16 @@ def embedded_batches(embed_fn: Callable[[dict], Mapping[str, jax.Array]], source
     local["index"] = ((number * process_count + process_index) * batch_size + np.arange(batch_size)).astype(np.int32)
     if "latlng" not in local:
       raise ValueError(f"the records of {source!r} have no latlng")
-    out = embed_fn(sharding.make_global_batch(inference.device_fields(local), mesh))
+    out = embed_fn(sharding.make_global_batch(runtime.device_fields(local), mesh))
     names = _check_outputs(out, global_batch_size, fields)
-    embedded = {name: _allgather(out[name]) for name in names}
-    host = {"latlng": _allgather(np.asarray(local["latlng"], np.float32))}
+    embedded = {name: runtime.allgather(out[name]) for name in names}
+    host = {"latlng": runtime.allgather(np.asarray(local["latlng"], np.float32))}
     if "tokens" in local:
-      host["tokens"] = _allgather(np.asarray(local["tokens"], np.int32))
+      host["tokens"] = runtime.allgather(np.asarray(local["tokens"], np.int32))
     if "id" in local:
       ids = np.asarray(local["id"])
-      host["id"] = _allgather_text(ids) if ids.dtype.kind in "USO" and process_count > 1 else _allgather(ids)
+      host["id"] = (runtime.allgather_text(ids) if ids.dtype.kind in "USO" and process_count > 1
+                    else runtime.allgather(ids))
     yield number * global_batch_size + np.arange(global_batch_size), host, embedded
 
 
@@ -307,10 +239,10 @@ def write_embeddings(embed_fn: Callable[[dict], Mapping[str, jax.Array]], source
     if not fields or len(set(fields)) != len(fields):
       raise ValueError(f"fields must be distinct names, got {fields}")
   output_dir = epath.Path(output_dir)
-  settings = _settings(num_records, dtype, int(shard_rows), fields, _jsonable(dict(manifest_extra or {})))
+  settings = _settings(num_records, dtype, int(shard_rows), fields, runtime.jsonable(dict(manifest_extra or {})))
 
   existing = _read_existing(output_dir, overwrite) if process_index == 0 else None
-  existing = _broadcast_json(existing)  # every process decides alike (no one waits on a failed one)
+  existing = runtime.broadcast_json(existing)  # every process decides alike (no one waits on a failed one)
   if "error" in existing:
     raise SettingsMismatchError(existing["error"])
   manifest = existing["manifest"]
@@ -329,16 +261,16 @@ def write_embeddings(embed_fn: Callable[[dict], Mapping[str, jax.Array]], source
     output_dir.mkdir(parents=True, exist_ok=True)
   if next_shard == num_shards:  # nothing left to compute
     if process_index == 0 and not manifest["complete"]:
-      _write_atomic(output_dir / MANIFEST, json.dumps(dict(manifest, complete=True), indent=1).encode())
+      runtime.write_atomic(output_dir / MANIFEST, json.dumps(dict(manifest, complete=True), indent=1).encode())
     return dict(manifest, complete=True)
   if process_index == 0:
-    _write_atomic(output_dir / MANIFEST, json.dumps(manifest, indent=1).encode())
+    runtime.write_atomic(output_dir / MANIFEST, json.dumps(manifest, indent=1).encode())
 
   start_row = next_shard * shard_rows
   start_batch = start_row // global_batch_size
   num_batches = data.num_eval_batches(num_records, batch_size=global_batch_size // process_count,
                                       process_count=process_count)
-  bar = _progress_bar(num_batches, start_batch) if progress else None
+  bar = runtime.progress(num_batches, "embeddings", start_batch) if progress else None
   pending: dict[str, list[np.ndarray]] = {}
   pending_rows, computed, first_batch = 0, 0, True
   start = time.perf_counter()
@@ -392,7 +324,7 @@ def write_embeddings(embed_fn: Callable[[dict], Mapping[str, jax.Array]], source
     manifest["timings"].append({"images": computed, "seconds": seconds, "images_per_s": computed / max(seconds, 1e-9),
                                 "first_batch": start_batch, "global_batch_size": global_batch_size,
                                 "process_count": process_count, "device_count": int(mesh.size)})
-    _write_atomic(output_dir / MANIFEST, json.dumps(manifest, indent=1).encode())
+    runtime.write_atomic(output_dir / MANIFEST, json.dumps(manifest, indent=1).encode())
     for name, count in manifest["nonfinite"].items():
       if count:
         logging.warning("embeddings %s: %d of %d records hold NaN or inf in field %r (stored as they are; "
@@ -401,11 +333,7 @@ def write_embeddings(embed_fn: Callable[[dict], Mapping[str, jax.Array]], source
     if progress:
       print(f"embedded {computed} images in {seconds:.1f} s: {computed / max(seconds, 1e-9):.1f} images/s "
             f"-> {output_dir}")
-  return _broadcast_json(manifest if process_index == 0 else None)
-
-
-def _progress_bar(total: int, initial: int):
-  return inference._progress(total, "embeddings", initial)  # pylint: disable=protected-access
+  return runtime.broadcast_json(manifest if process_index == 0 else None)
 
 
 def _write_shard(output_dir: epath.Path, manifest: dict, shard: int, first: int, columns: dict) -> None:
@@ -418,15 +346,15 @@ def _write_shard(output_dir: epath.Path, manifest: dict, shard: int, first: int,
         raise ValueError(f"ids of shard {shard} are {values.dtype}, earlier ones {manifest['columns']['id']['dtype']}")
     if name in manifest["fields"]:
       nonfinite[name] = int((~np.isfinite(values)).any(axis=1).sum())
-    payload = _npy_bytes(values)
+    payload = runtime.npy_bytes(values)
     relative = f"{name}/{shard:05d}.npy"
     (output_dir / name).mkdir(parents=True, exist_ok=True)
-    _write_atomic(output_dir / relative, payload)
+    runtime.write_atomic(output_dir / relative, payload)
     files[name] = {"path": relative, "sha256": hashlib.sha256(payload).hexdigest(), "bytes": len(payload)}
   rows = len(next(iter(columns.values())))
   manifest["shards"].append({"shard": shard, "rows": [first, first + rows], "files": files, "nonfinite": nonfinite})
   manifest["nonfinite"] = {k: sum(s["nonfinite"].get(k, 0) for s in manifest["shards"]) for k in manifest["fields"]}
-  _write_atomic(output_dir / MANIFEST, json.dumps(manifest, indent=1).encode())
+  runtime.write_atomic(output_dir / MANIFEST, json.dumps(manifest, indent=1).encode())
 
 
 # ---------------------------------------------------------------------------
@@ -559,7 +487,7 @@ def open_embeddings(output_dir, *, verify: bool = False) -> Embeddings:
       file = directory / entry["path"]
       if not file.exists():
         missing.append(entry["path"])
-      elif verify and _sha256(file) != entry["sha256"]:
+      elif verify and runtime.file_sha256(file) != entry["sha256"]:
         corrupt.append(entry["path"])
   if missing:
     raise FileNotFoundError(f"{directory}: {len(missing)} shard file(s) listed in the manifest are missing: "

@@ -26,6 +26,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from geotoken_jax.data.earth import blue_marble
 from geotoken_jax.metrics import THRESHOLDS_KM
 
 DPI = 100
@@ -169,8 +170,6 @@ def map_segments(truth, predicted) -> np.ndarray:
 
 
 def _background() -> np.ndarray:
-  from geotoken_jax.data.earth import blue_marble  # pylint: disable=g-import-not-at-top
-
   image = blue_marble()  # uint8 [2700, 5400, 3], lat +90 top, lon -180 left
   k = _MAP_DOWNSAMPLE
   h, w = image.shape[0] // k * k, image.shape[1] // k * k

@@ -28,7 +28,7 @@ import jax
 import ml_collections
 from etils import epath
 
-from geotoken_jax import data, inference, metrics, trainer
+from geotoken_jax import data, embeddings, inference, metrics, trainer
 from geotoken_jax.retrieval import neighbors, sources
 
 
@@ -44,8 +44,6 @@ def _log(message: str) -> None:
 def _complete_store(directory, num_records: int) -> bool:
   """A finished embedding store of this many records (a changed aligner is caught later: the
   index and the neighbour join compare the stores' checksums)."""
-  from geotoken_jax import embeddings  # pylint: disable=g-import-not-at-top
-
   try:
     return embeddings.open_embeddings(directory).num_records == num_records
   except (FileNotFoundError, ValueError):

@@ -33,7 +33,7 @@ from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from geotoken_jax import checkpoint, data, inference, metrics, models, optim, s2, sharding, summary
+from geotoken_jax import checkpoint, data, inference, metrics, models, optim, runtime, s2, sharding, summary
 from geotoken_jax.decoding import strategies
 from geotoken_jax.retrieval import sources as retrieval_sources
 
@@ -399,7 +399,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
 
   # A retrieval run's examples carry their neighbours (read from the gallery once).
-  gallery = retrieval_sources.load_gallery(config, workdir, spec) if retrieval_sources.enabled(config) else None
+  gallery = (retrieval_sources.load_neighbor_gallery(config, workdir, spec) if retrieval_sources.enabled(config)
+             else None)
   if gallery is not None:
     retrieval_sources.check_model(config, gallery)
   train_source = retrieval_sources.get_source(config, workdir, "train", spec, seed=config.seed, gallery=gallery)
@@ -430,7 +431,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
       setup.graphdef, None, setup.state_shardings["params"], mesh, spec, wanted,
       loss_weights=_position_weights(config, spec), is_aligner=alignment,
       knn_temperature=float(inference.evaluate_config(config).knn_temperature),
-      gallery=inference.load_gallery(config, spec) if any(s.kind == "gallery" for s in wanted) else None)
+      gallery=inference.load_location_gallery(config, spec) if any(s.kind == "gallery" for s in wanted) else None)
 
   def run_eval(split: str, params, refresh: bool = True) -> dict:
     if refresh:  # an alignment model's gallery, embedded with these parameters
@@ -447,7 +448,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
   try:
     while step < total_steps:
       local_batch = next(train_iter)
-      batch = sharding.make_global_batch(inference.device_fields(local_batch), mesh)
+      batch = sharding.make_global_batch(runtime.device_fields(local_batch), mesh)
       with jax.transfer_guard("disallow"):  # no hidden host<->device copies in the hot loop
         state, step_metrics = train_step(state, batch)
       step += 1

@@ -129,8 +129,8 @@ def test_gallery_strategy_is_the_brute_force_top_k():
   aligner = _restored(_tiny_align_config(), 3, mesh)
   rng = np.random.default_rng(2)
   latlng = np.stack([rng.uniform(-90, 90, 300), rng.uniform(-180, 180, 300)], -1).astype(np.float32)
-  gallery = inference.Gallery("test", latlng, np.asarray(s2.latlng_to_tokens(latlng[:, 0], latlng[:, 1], SPEC),
-                                                         np.int32))
+  gallery = inference.LocationGallery("test", latlng,
+                                      np.asarray(s2.latlng_to_tokens(latlng[:, 0], latlng[:, 1], SPEC), np.int32))
   gallery = inference.gallery_with_features(gallery, aligner)
   wanted = strategies.parse_strategies("gallery:4,gallery:6:medoid", SPEC)
   predictor = inference.Predictor(aligner.graphdef, aligner.params, aligner.param_shardings, mesh, SPEC, wanted,
@@ -234,7 +234,7 @@ def test_alignment_model_evaluates_with_gallery_strategies(align_runs, tmp_path)
   for key in ("acc@1km", "acc@25km", "acc@200km", "acc@750km", "acc@2500km", "median_km"):
     assert trained[key] == pytest.approx(result["results"]["gallery:1"][key], abs=1e-3), key
   rows = inference.read_predictions(tmp_path / "eval" / "predictions" / "gallery-1.jsonl")
-  gallery = inference.load_gallery(inference.load_run_config(align_runs[0]), SPEC)
+  gallery = inference.load_location_gallery(inference.load_run_config(align_runs[0]), SPEC)
   # Every prediction is a gallery location.
   points = {tuple(p) for p in gallery.latlng.tolist()}
   assert all((np.float32(r["pred_lat"]).item(), np.float32(r["pred_lon"]).item()) in points for r in rows)

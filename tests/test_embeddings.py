@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from geotoken_jax import data, embeddings, inference, sharding
+from geotoken_jax import data, embeddings, runtime, sharding
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N = 53  # records: not a multiple of any batch below (padding), 5 shards of 12
@@ -84,7 +84,7 @@ def oracle(source, dtype) -> dict[str, np.ndarray]:
   for i in range(len(source)):
     batch = data.load_rows(source, np.array([i]))
     batch.update(index=np.array([i], np.int32), mask=np.array([True]))
-    out = embed(sharding.make_global_batch(inference.device_fields(batch), mesh))
+    out = embed(sharding.make_global_batch(runtime.device_fields(batch), mesh))
     rows.append({k: np.asarray(v).astype(dtype) for k, v in out.items()})
   return {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
 

@@ -13,7 +13,7 @@ from flax.core import spmd
 
 from geotoken_jax import s2
 from geotoken_jax import models
-from geotoken_jax.models import layers
+from geotoken_jax.nn import layers
 
 SPEC = s2.TokenSpec(level=8, group_size=2)  # 5 positions, vocab (6, 16, 16, 16, 16)
 BATCH = 3

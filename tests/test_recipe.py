@@ -90,7 +90,7 @@ def test_every_stage_runs_and_the_table_has_decoder_and_knn_rows(recipe_run):
 def test_knn_1_is_the_top_neighbours_location(recipe_run):
   config, workdir, out, _, _ = recipe_run
   lists = neighbors.open_neighbors(sources.neighbors_dir(config, workdir, "test"))
-  gallery = sources.load_gallery(config, workdir, inference.token_spec(config))
+  gallery = sources.load_neighbor_gallery(config, workdir, inference.token_spec(config))
   rows = inference.read_predictions(workdir / "eval" / "test-step4" / "predictions" / "knn-1.jsonl")
   predicted = np.asarray([[r["pred_lat"], r["pred_lon"]] for r in rows])
   np.testing.assert_allclose(predicted, gallery.latlng[lists.indices[:, 0]], atol=1e-4)
@@ -119,3 +119,13 @@ def test_the_retrieval_model_predicts_on_a_folder_of_new_images(recipe_run):
   found = online({"image": images, "index": np.arange(8, dtype=np.int32)})
   np.testing.assert_array_equal(found["neighbor_tokens"], batch["neighbor_tokens"])
   np.testing.assert_allclose(found["neighbor_scores"], lists.scores[:8, :config.retrieval.k], atol=2e-3)
+  # Test time reads no label: a labelled batch (evaluate) gets what an unlabelled one (predict)
+  # gets, whatever its labels, even under label rules that would delete every neighbour.
+  labelled = config.copy_and_resolve_references()
+  labelled.retrieval.update(group="s2_cell:0", duplicate_km=20_000.0, duplicate_similarity=-1.0)
+  strict = inference.OnlineRetrieval(labelled, str(workdir), restored.spec, restored.mesh)
+  truth = data.get_source(config.data, "test", restored.spec).get_batch(np.arange(8))["latlng"]
+  for latlng in (truth, truth[np.random.default_rng(0).permutation(8)]):
+    again = strict({"image": images, "index": np.arange(8, dtype=np.int32), "latlng": latlng})
+    for field in ("neighbor_tokens", "neighbor_scores"):
+      np.testing.assert_array_equal(again[field], found[field])

@@ -16,7 +16,7 @@ from flax import nnx
 
 from geotoken_jax import embeddings, models, s2, sharding
 from geotoken_jax.decoding import selection, strategies
-from geotoken_jax.retrieval import join, neighbors, sources
+from geotoken_jax.retrieval import exclusion, join, neighbors, sources
 
 N = 60
 DIMS = {"image": 12, "loc_head": 8}
@@ -120,22 +120,55 @@ def test_self_search_never_returns_the_query_or_its_planted_duplicates(store, tm
   assert len(manifest["blocks"]) == 3  # 60 queries in blocks of 25
 
 
-def test_queries_of_another_split_and_group_exclusion(store, tmp_path):
+def test_lists_of_another_split_read_no_label(store, tmp_path):
+  """Validation / test lists are built as test time runs: the same-id rule only. The settings'
+  label rules (near-duplicate by place, s2_cell group) are training-list rules; here they would
+  delete every neighbour within 20,000 km, and permuting the queries' labels changes nothing."""
   root, arrays, gallery = store
-  rng = np.random.default_rng(5)
   query_arrays = {k: v[:20].copy() for k, v in planted_gallery(seed=3).items()}
   query_arrays["id"] = np.arange(20, dtype=np.int64) + 5000
-  # Half the queries sit on gallery rows' coordinates (same level-4 cell).
-  query_arrays["latlng"][:10] = arrays["latlng"][rng.choice(N, 10, replace=False)]
-  queries = write_store(query_arrays, tmp_path / "emb_test")
-  settings = dict(SETTINGS, group="s2_cell:4")
-  neighbors.index_split(queries, gallery, tmp_path / "test", settings=settings, same_split=False, progress=False)
-  lists = neighbors.open_neighbors(tmp_path / "test")
-  want, want_scores, _, _ = brute_force(query_arrays, arrays, 5, same_split=False, group_level=4)
+  query_arrays["id"][3] = arrays["id"][7]  # a test photo that is also in the gallery: excluded by id
+  query_arrays["latlng"][:10] = arrays["latlng"][:10]  # on gallery rows' coordinates
+  settings = dict(SETTINGS, group="s2_cell:4", duplicate_km=20_000.0, duplicate_similarity=-1.0)
+  manifests = []
+  for name, permutation in (("test", np.arange(20)), ("permuted", np.random.default_rng(5).permutation(20))):
+    labelled = dict(query_arrays, latlng=query_arrays["latlng"][permutation],
+                    tokens=query_arrays["tokens"][permutation])
+    queries = write_store(labelled, tmp_path / f"emb_{name}")
+    manifests.append(neighbors.index_split(queries, gallery, tmp_path / name, settings=settings, same_split=False,
+                                           progress=False))
+  lists, permuted = neighbors.open_neighbors(tmp_path / "test"), neighbors.open_neighbors(tmp_path / "permuted")
+  want, want_scores, _, _ = brute_force(query_arrays, arrays, 5, same_split=False, duplicate_km=-1.0)
   np.testing.assert_array_equal(lists.indices, want)
   np.testing.assert_allclose(lists.scores, want_scores, atol=1e-5)
-  cells = lambda x: s2.latlng_to_cell_ids(x[:, 0].astype(np.float64), x[:, 1].astype(np.float64), 4)  # noqa: E731
-  assert not (cells(query_arrays["latlng"])[:, None] == cells(arrays["latlng"])[lists.indices]).any()
+  np.testing.assert_array_equal(permuted.indices, lists.indices)
+  np.testing.assert_array_equal(permuted.scores, lists.scores)
+  assert 7 not in lists.indices[3] and manifests[0]["stats"]["excluded_in_top_k"]["same_id"] >= 1
+  assert manifests[0]["stats"]["excluded_in_top_k"]["near_duplicate"] == 0
+  assert manifests[0]["stats"]["excluded_in_top_k"]["same_group"] == 0
+  assert manifests[0]["identity"]["regime"] == "test"
+
+
+def test_training_lists_apply_the_group_rule(store, tmp_path):
+  """The group rule emulates a cell-blocked test split when building training lists."""
+  _, arrays, gallery = store
+  neighbors.index_split(gallery, gallery, tmp_path / "train", settings=dict(SETTINGS, group="s2_cell:4"),
+                        same_split=True, progress=False)
+  lists = neighbors.open_neighbors(tmp_path / "train")
+  want, want_scores, _, _ = brute_force(arrays, arrays, 5, same_split=True, group_level=4)
+  np.testing.assert_array_equal(lists.indices, want)
+  np.testing.assert_allclose(lists.scores, want_scores, atol=1e-5)
+  assert lists.manifest["identity"]["regime"] == "training"
+
+
+def test_test_time_rules_refuse_a_label_and_unknown_groups():
+  keys = exclusion.gallery_keys(neighbors.DEFAULT_SETTINGS, 3, regime=exclusion.TEST, ids=np.arange(3))
+  assert keys.latlng is None and keys.groups is None
+  with pytest.raises(ValueError, match="must not read the query's coordinates"):
+    exclusion.query_exclusion(neighbors.DEFAULT_SETTINGS, keys, query_ids=np.arange(2),
+                              query_latlng=np.zeros((2, 2)))
+  with pytest.raises(ValueError, match="unknown group rule 'column:author'"):
+    exclusion.group_level("column:author")
 
 
 def test_index_resumes_at_the_first_missing_block_and_refuses_other_settings(store, tmp_path):
@@ -166,7 +199,7 @@ def lists(store, tmp_path_factory):
 
 def test_join_gives_each_example_its_neighbours_tokens_and_features(store, lists):
   _, arrays, gallery_store = store
-  gallery = join.Gallery(gallery_store, ("image", "loc_head"), SPEC)
+  gallery = join.NeighborGallery(gallery_store, ("image", "loc_head"), SPEC)
   source = join.RetrievalSource(FeatureSource(arrays), query_store=gallery_store, neighbors=lists, gallery=gallery,
                                 k=5)
   rows = np.array([3, 17, 52, 0])
@@ -196,14 +229,14 @@ def test_lists_searched_in_other_embeddings_are_refused(store, lists, tmp_path):
   _, arrays, gallery_store = store
   changed = dict(arrays, f_image=arrays["f_image"] + 1.0)  # re-embedded by another aligner
   other = write_store(changed, tmp_path / "other")
-  gallery = join.Gallery(other, ("image", "loc_head"), SPEC)
+  gallery = join.NeighborGallery(other, ("image", "loc_head"), SPEC)
   with pytest.raises(ValueError, match="other gallery embeddings"):
     join.RetrievalSource(FeatureSource(changed), query_store=other, neighbors=lists, gallery=gallery, k=5)
 
 
 def test_neighbour_dropout_and_shuffle_are_seeded_by_position(store, lists):
   _, arrays, gallery_store = store
-  gallery = join.Gallery(gallery_store, ("image", "loc_head"), SPEC)
+  gallery = join.NeighborGallery(gallery_store, ("image", "loc_head"), SPEC)
   make = lambda **kw: join.RetrievalSource(FeatureSource(arrays), query_store=gallery_store,  # noqa: E731
                                            neighbors=lists, gallery=gallery, k=4, seed=1, **kw)
   rows, positions = np.arange(40), np.arange(40) + 1000

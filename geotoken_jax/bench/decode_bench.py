@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from geotoken_jax import inference, models, s2, sharding
-from geotoken_jax.bench import train_bench
+from geotoken_jax.bench.common import bench_config, random_batch
 from geotoken_jax.decoding import strategies
 
 
@@ -49,7 +49,7 @@ def strategy_of(args: argparse.Namespace) -> strategies.Strategy:
 
 
 def run(args: argparse.Namespace) -> dict:
-  config = train_bench.bench_config(args.preset, args.batch, args.compute_dtype)
+  config = bench_config(args.preset, args.batch, args.compute_dtype)
   spec = s2.TokenSpec(config.tokens.level, config.tokens.group_size)
   strategy = strategy_of(args).check(spec)
   mesh = sharding.create_mesh(config.mesh)
@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> dict:
   graphdef, params = nnx.split(model, nnx.Param)
   shardings = jax.tree.map(lambda _: sharding.replicated(mesh), params)
   params = jax.device_put(params, shardings)
-  batch = train_bench.random_batch(config.model, spec, args.batch, args.seed)
+  batch = random_batch(config.model, spec, args.batch, args.seed)
   batch.pop("tokens")
   batch["index"] = np.arange(args.batch, dtype=np.int32)
   batch = sharding.make_global_batch(batch, mesh)

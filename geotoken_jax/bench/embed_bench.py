@@ -22,8 +22,7 @@ import numpy as np
 from flax import nnx
 
 from geotoken_jax import inference, models, s2, sharding
-
-MP16_IMAGES = 4_720_000
+from geotoken_jax.bench.common import MP16_IMAGES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

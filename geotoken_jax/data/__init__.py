@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from geotoken_jax import s2
-from geotoken_jax.data import earth, subsets
+from geotoken_jax.data import earth, subsets, tfds_source
 from geotoken_jax.data.earth import (
     SPLITS,
     EarthSource,
@@ -58,8 +58,6 @@ def resolve_split(data_config, split: str) -> tuple[str, str]:
 
 
 def _tfds_source(data_config, dataset: str, split: str, spec: s2.TokenSpec, **kwargs):
-  from geotoken_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
-
   if not data_config.get("data_dir"):
     raise ValueError(f"data set {dataset!r} needs data.data_dir (where it was prepared)")
   return tfds_source.TfdsSource(tfds_source.dataset_dir(data_config["data_dir"], dataset), split, spec,

@@ -47,6 +47,7 @@ import time
 import numpy as np
 
 from geotoken_jax import package_data, s2
+from geotoken_jax.data import tfds_builders
 
 SPLITS = ("train", "validation", "test")
 SPLIT_LEVEL = 6
@@ -243,8 +244,6 @@ class EarthSource:
   def index_arrays(self) -> dict[str, np.ndarray]:
     """The TFDS sidecar's arrays for this split (ids hashed as their decimal text;
     no Flickr photo ids: -1)."""
-    from geotoken_jax.data import tfds_builders  # pylint: disable=g-import-not-at-top
-
     return tfds_builders.make_index([str(i) for i in self.ids], self.lat, self.lon, self.tokens,
                                     flickr_ids=False)
 

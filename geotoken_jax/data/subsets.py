@@ -37,6 +37,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from geotoken_jax import s2
+from geotoken_jax.data.pipeline import load_rows
 
 HOLDOUT_PARTS = ("holdout", "rest")
 HOLDOUT_DEFAULTS = {"fraction": 0.01, "by": "cell", "cell_level": 8, "salt": 0}
@@ -91,8 +92,6 @@ class Subset:
 
   def get_batch(self, indices, positions=None) -> dict[str, np.ndarray]:
     """Records at `indices` of the subset; `positions` seed the parent's augmentation."""
-    from geotoken_jax.data.pipeline import load_rows  # pylint: disable=g-import-not-at-top
-
     return load_rows(self.source, self._parent_rows(indices), positions=positions)
 
   def __getitem__(self, index) -> dict:

@@ -34,8 +34,6 @@ import io
 import json
 import logging
 import math
-import os
-import uuid
 
 import jax
 import jax.numpy as jnp
@@ -43,7 +41,7 @@ import numpy as np
 from etils import epath
 from flax import struct
 
-from geotoken_jax import s2
+from geotoken_jax import runtime, s2
 
 MASKED_LOGIT = -1e9  # the model's value for ids outside a position's vocabulary
 ALLOWED_LOGIT = MASKED_LOGIT / 2  # logits above this are real, allowed ids
@@ -170,8 +168,8 @@ def trie_cache_key(tokens, spec: s2.TokenSpec, *, min_count: int, num_constraine
 
 
 def save_cell_trie(trie: CellTrie, path) -> None:
-  """Writes a trie as an .npz (no pickle), atomically: a temporary file in the same folder,
-  then a rename over the target (os.replace locally), so a reader never sees a partial file
+  """Writes a trie as an .npz (no pickle), atomically (runtime.write_atomic: a temporary file
+  in the same folder, then a rename over the target), so a reader never sees a partial file
   and concurrent writers of the same key leave one whole file."""
   path = epath.Path(path)
   buffer = io.BytesIO()
@@ -180,13 +178,7 @@ def save_cell_trie(trie: CellTrie, path) -> None:
            num_sequences=np.asarray(str(int(trie.num_sequences))),  # may exceed int64
            format=np.asarray(_CACHE_FORMAT, np.int64))
   path.parent.mkdir(parents=True, exist_ok=True)
-  temp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
-  try:
-    temp.write_bytes(buffer.getvalue())
-    temp.replace(path)
-  finally:
-    if temp.exists():
-      temp.unlink()
+  runtime.write_atomic(path, buffer.getvalue())
 
 
 def load_cell_trie(path) -> CellTrie:

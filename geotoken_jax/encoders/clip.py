@@ -46,7 +46,7 @@ import numpy as np
 from flax import nnx
 from safetensors import safe_open
 
-from geotoken_jax.models import layers
+from geotoken_jax.nn import layers
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

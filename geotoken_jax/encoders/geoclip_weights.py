@@ -1,10 +1,12 @@
 """GeoCLIP's pretrained weights: converted once from the `geoclip` wheel's torch files.
 
-The wheel ships torch pickles (geoclip/model/weights/*.pth).  `convert` reads
-them once with torch (weights_only=True) and writes safetensors with torch's
-key names kept, plus `geoclip_weights.json` (sources, sha256s, shapes); at run
-time the loaders here read the safetensors with numpy only: no torch, no
-unpickling.
+The wheel ships torch pickles (geoclip/model/weights/*.pth, torch's zip
+format).  `convert` reads them once with a restricted unpickler, no torch
+(`read_torch_file`: only plain tensors, storages and OrderedDict are allowed,
+any other global is refused, so a file cannot run code), and writes
+safetensors with torch's key names kept, plus `geoclip_weights.json`
+(sources, sha256s, shapes); at run time the loaders here read the
+safetensors with numpy only: no torch, no unpickling.
 
   python -m geotoken_jax.encoders.geoclip_weights --output DIR
   paths = ensure_converted()            # converts into default_weights_dir() once
@@ -21,11 +23,14 @@ Logit scale: a bare 0-d tensor, stored here under the key "logit_scale".
 from __future__ import annotations
 
 import argparse
+import collections
 import hashlib
 import importlib.util
 import json
 import os
+import pickle
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +50,184 @@ GALLERY_FILE = os.path.join("gps_gallery", "coordinates_100K.csv")
 LOGIT_SCALE_KEY = "logit_scale"
 IMAGE_MLP_DIMS = (768, 768, 512)
 WEIGHTS_DIR_ENV = "GEOTOKEN_WEIGHTS_DIR"
+
+
+# Reading torch's zip serialization without torch
+# ------------------------------------------------------------------------------
+# A torch.save file (torch >= 1.6) is a zip archive holding <name>/data.pkl (the
+# pickled object: tensors reduce to torch._utils._rebuild_tensor_v2 over
+# persistent-id storages), <name>/data/<key> (each storage's raw bytes),
+# <name>/version and maybe <name>/byteorder.  The unpickler below resolves only
+# the few globals a state dict of plain tensors needs, to numpy stand-ins.
+
+# torch.<Name>Storage -> numpy dtype name (bfloat16 comes from ml_dtypes)
+_STORAGE_DTYPES = {
+    "DoubleStorage": "float64", "FloatStorage": "float32", "HalfStorage": "float16",
+    "BFloat16Storage": "bfloat16", "LongStorage": "int64", "IntStorage": "int32",
+    "ShortStorage": "int16", "CharStorage": "int8", "ByteStorage": "uint8",
+    "BoolStorage": "bool", "ComplexFloatStorage": "complex64",
+    "ComplexDoubleStorage": "complex128",
+}
+_STRIDED = "torch.strided"  # the only layout a dense tensor has
+
+
+class _StorageType:
+  """Stands in for a torch.<Name>Storage class in the pickle's persistent ids."""
+
+  def __init__(self, name: str):
+    self.name = name
+
+  @property
+  def dtype(self) -> np.dtype:
+    if _STORAGE_DTYPES[self.name] == "bfloat16":
+      import ml_dtypes  # noqa: PLC0415 (a jax dependency)
+      return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(_STORAGE_DTYPES[self.name])
+
+  def __repr__(self):
+    return f"torch.{self.name}"
+
+
+def _as_strided(storage, storage_offset, size, stride) -> np.ndarray:
+  """A contiguous copy of the tensor view (offset, size, stride in elements) of storage."""
+  if not isinstance(storage, np.ndarray) or storage.ndim != 1:
+    raise pickle.UnpicklingError(f"tensor storage is not a loaded storage: {type(storage)}")
+  try:
+    offset = int(storage_offset)
+    size, stride = tuple(int(n) for n in size), tuple(int(s) for s in stride)
+  except (TypeError, ValueError) as e:
+    raise pickle.UnpicklingError(f"bad tensor geometry {storage_offset!r} {size!r} "
+                                 f"{stride!r}") from e
+  if len(size) != len(stride) or offset < 0 or min(size + stride, default=0) < 0:
+    raise pickle.UnpicklingError(f"bad tensor geometry: offset {offset}, size {size}, "
+                                 f"stride {stride}")
+  if 0 in size:
+    return np.empty(size, storage.dtype)
+  last = offset + sum((n - 1) * s for n, s in zip(size, stride))
+  if last >= storage.size:  # never let as_strided read past the storage
+    raise pickle.UnpicklingError(f"tensor (offset {offset}, size {size}, stride {stride}) "
+                                 f"reaches past its storage of {storage.size} elements")
+  view = np.lib.stride_tricks.as_strided(
+      storage[offset:], shape=size, strides=tuple(s * storage.itemsize for s in stride))
+  return view.copy()
+
+
+def _rebuild_tensor(storage, storage_offset, size, stride):
+  return _as_strided(storage, storage_offset, size, stride)
+
+
+def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False,
+                       backward_hooks=None, metadata=None):
+  del requires_grad, backward_hooks, metadata  # autograd / python state: not weights
+  return _as_strided(storage, storage_offset, size, stride)
+
+
+def _rebuild_parameter(data, requires_grad, backward_hooks):
+  del requires_grad, backward_hooks
+  return data
+
+
+def _get_layout(name):
+  if name != _STRIDED:
+    raise pickle.UnpicklingError(f"tensor layout {name!r} is not supported (only {_STRIDED})")
+  return _STRIDED
+
+
+# (module, name) -> what the pickle gets for that global; nothing else resolves.
+_ALLOWED_GLOBALS = {
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
+    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("torch.serialization", "_get_layout"): _get_layout,
+    ("torch", "strided"): _STRIDED,
+    **{("torch", name): _StorageType(name) for name in _STORAGE_DTYPES},
+}
+
+
+class _TorchZipUnpickler(pickle.Unpickler):
+  """Unpickles a torch zip archive's data.pkl to numpy, resolving only _ALLOWED_GLOBALS."""
+
+  def __init__(self, file, archive: zipfile.ZipFile, prefix: str, byteorder: str, path):
+    super().__init__(file)
+    self._archive, self._prefix, self._byteorder, self._path = archive, prefix, byteorder, path
+    self._storages: dict[str, np.ndarray] = {}
+
+  def find_class(self, module, name):
+    try:
+      return _ALLOWED_GLOBALS[(module, name)]
+    except (KeyError, TypeError):
+      raise pickle.UnpicklingError(
+          f"{self._path}: refusing global {module}.{name}: only plain tensors, storages "
+          "and OrderedDict may be loaded (this file is not a plain torch state dict, or "
+          "it tries to run code)") from None
+
+  def persistent_load(self, pid):
+    if (not isinstance(pid, tuple) or len(pid) != 5 or pid[0] != "storage"
+        or not isinstance(pid[1], _StorageType) or not isinstance(pid[2], str)
+        or not isinstance(pid[4], int) or pid[4] < 0):
+      raise pickle.UnpicklingError(f"{self._path}: unsupported persistent id {pid!r}")
+    _, storage_type, key, _location, numel = pid
+    if key in self._storages:  # tensors sharing a storage share the loaded array
+      storage = self._storages[key]
+      if storage.dtype != storage_type.dtype:
+        raise pickle.UnpicklingError(f"{self._path}: storage {key} is read as both "
+                                     f"{storage.dtype} and {storage_type.dtype}")
+      return storage
+    dtype = storage_type.dtype
+    member = f"{self._prefix}data/{key}"
+    try:
+      raw = self._archive.read(member)
+    except KeyError:
+      raise pickle.UnpicklingError(f"{self._path}: no storage record {member}") from None
+    nbytes = numel * dtype.itemsize
+    if len(raw) < nbytes:
+      raise pickle.UnpicklingError(f"{self._path}: storage record {member} has {len(raw)} "
+                                   f"bytes, {storage_type} of {numel} needs {nbytes}")
+    storage = np.frombuffer(raw, dtype=dtype, count=numel)
+    if self._byteorder != sys.byteorder and dtype.itemsize > 1:
+      # Swap each scalar's bytes (a complex's two parts separately), via unsigned ints
+      # so ml_dtypes' bfloat16 needs no byteswap of its own.
+      parts = 2 if dtype.kind == "c" else 1
+      as_uint = np.dtype(f"u{dtype.itemsize // parts}")
+      storage = storage.view(as_uint).byteswap().view(dtype)
+    self._storages[key] = storage
+    return storage
+
+
+def read_torch_file(path) -> dict[str, np.ndarray] | np.ndarray:
+  """Reads a torch.save file (zip format) without torch: a state dict, or a bare tensor.
+
+  Tensors come back as contiguous numpy arrays (torch's dtypes; bfloat16 as
+  ml_dtypes.bfloat16).  Only the globals a file of plain tensors needs are
+  resolved: any other raises pickle.UnpicklingError naming it, before anything
+  runs.  The legacy pre-1.6 format (not a zip) raises ValueError.
+  """
+  path = Path(path)
+  if not zipfile.is_zipfile(path):
+    raise ValueError(f"{path} is not a torch zip archive: the legacy torch serialization format "
+                     "(torch < 1.6, or _use_new_zipfile_serialization=False) is not supported; "
+                     "re-save it with torch.save on torch >= 1.6")
+  with zipfile.ZipFile(path) as archive:
+    pickles = [n for n in archive.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
+    if len(pickles) != 1:
+      raise ValueError(f"{path}: expected one <name>/data.pkl record in the torch zip archive, "
+                       f"found {pickles}")
+    prefix = pickles[0][:-len("data.pkl")]
+    byteorder = "little"  # torch's default when the record is absent
+    if prefix + "byteorder" in archive.namelist():
+      byteorder = archive.read(prefix + "byteorder").decode("ascii", "replace")
+      if byteorder not in ("little", "big"):
+        raise ValueError(f"{path}: unknown byteorder record {byteorder!r}")
+    with archive.open(pickles[0]) as f:
+      loaded = _TorchZipUnpickler(f, archive, prefix, byteorder, path).load()
+  if isinstance(loaded, np.ndarray):
+    return loaded
+  if isinstance(loaded, dict) and all(isinstance(k, str) and isinstance(v, np.ndarray)
+                                      for k, v in loaded.items()):
+    return dict(loaded)
+  raise ValueError(f"{path}: expected a state dict of tensors or a tensor, got "
+                   f"{type(loaded).__name__}")
 
 
 # Finding and converting the torch files
@@ -88,16 +271,10 @@ def _write_atomic(path: Path, write) -> None:
 
 
 def convert(output_dir, geoclip_dir=None) -> dict[str, Path]:
-  """Converts geoclip's three .pth files to safetensors in output_dir (torch needed here only).
+  """Converts geoclip's three .pth files to safetensors in output_dir (no torch: read_torch_file).
 
   Returns {"location_encoder", "image_mlp", "logit_scale", "metadata": path}.
   """
-  try:
-    import torch  # noqa: PLC0415 (only the one-time conversion needs torch)
-  except ImportError as e:
-    raise ImportError("converting GeoCLIP's .pth weights needs torch once (CPU is enough): "
-                      "`pip install torch`, or convert on another machine and copy the "
-                      f"safetensors and {METADATA_FILE}") from e
   from safetensors.numpy import save_file  # noqa: PLC0415
 
   model_dir = geoclip_model_dir(geoclip_dir)
@@ -106,10 +283,10 @@ def convert(output_dir, geoclip_dir=None) -> dict[str, Path]:
   paths, files = {}, {}
   for name, (source_name, output_name) in _SOURCES.items():
     source = model_dir / "weights" / source_name
-    loaded = torch.load(source, map_location="cpu", weights_only=True)
-    if isinstance(loaded, torch.Tensor):  # the logit scale is a bare tensor
+    loaded = read_torch_file(source)
+    if isinstance(loaded, np.ndarray):  # the logit scale is a bare tensor
       loaded = {LOGIT_SCALE_KEY: loaded}
-    arrays = {k: np.ascontiguousarray(v.detach().cpu().numpy()) for k, v in loaded.items()}
+    arrays = {k: np.ascontiguousarray(v) for k, v in loaded.items()}
     out = output_dir / output_name
     _write_atomic(out, lambda p, a=arrays: save_file(a, str(p)))
     paths[name] = out
@@ -160,16 +337,11 @@ def converted_paths(output_dir=None) -> dict[str, Path]:
 
 
 def ensure_converted(output_dir=None, geoclip_dir=None) -> dict[str, Path]:
-  """The converted files' paths, converting once if any is missing (then torch is needed)."""
+  """The converted files' paths, converting once if any is missing (no torch needed)."""
   paths = converted_paths(output_dir)
-  missing = [str(p) for p in paths.values() if not p.is_file()]
-  if not missing:
+  if all(p.is_file() for p in paths.values()):
     return paths
-  try:
-    return convert(paths["metadata"].parent, geoclip_dir)
-  except ImportError as e:
-    raise ImportError(f"GeoCLIP weights are not converted yet (missing {missing}) and converting "
-                      f"them needs torch this once: {e}") from e
+  return convert(paths["metadata"].parent, geoclip_dir)
 
 
 # Loading the safetensors (numpy only)
@@ -279,7 +451,7 @@ def load_logit_scale(path) -> float:
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(
       prog="python -m geotoken_jax.encoders.geoclip_weights",
-      description="Convert the geoclip wheel's torch weights to safetensors (needs torch once).")
+      description="Convert the geoclip wheel's torch weights to safetensors (no torch needed).")
   parser.add_argument("--output", default=None,
                       help=f"output folder (default: {default_weights_dir()})")
   parser.add_argument("--geoclip_dir", default=None,

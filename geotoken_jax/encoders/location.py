@@ -38,8 +38,8 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from geotoken_jax.encoders import heads
-from geotoken_jax.models import layers
+from geotoken_jax.encoders import geoclip_weights
+from geotoken_jax.nn import heads, layers
 
 # The optimizer freezes parameters with these names (the RFF matrices B).
 LOCATION_FROZEN_NAMES = ("fourier_matrix",)
@@ -237,8 +237,6 @@ def pretrained_leaves(location_config, prefix: str | Sequence = ()) -> dict[tupl
   """
   if not location_config.weights:
     return {}
-  from geotoken_jax.encoders import geoclip_weights  # noqa: PLC0415 (keeps imports light)
-
   prefix = (prefix,) if isinstance(prefix, str) else tuple(prefix)
   leaves = geoclip_weights.load_location_encoder_weights(location_config.weights, location_config)
   return {prefix + key: value for key, value in leaves.items()}

@@ -45,7 +45,7 @@ Configuration (`model_config(preset)` returns an ml_collections.ConfigDict):
   neighbor_memory    False; True appends K retrieved neighbours' tokens and similarities to
                      an image encoder's memory (models.feature_encoder.NeighborMemory)
   vit                ConfigDict: name, image_size, patch_size, width, depth, num_heads,
-                     mlp_dim, norm, activation, mean, std (see `vit_config`)
+                     mlp_dim, norm, activation, mean, std (see `vit_config`, from encoders.vit)
   clip               ConfigDict, needed only by encoder "clip" (not in the presets: set
                      cfg.clip = geotoken_jax.encoders.clip.clip_vision_config("vit_l14") or
                      clip_config_from_weights(path)); its weights are placed by the trainer
@@ -61,6 +61,8 @@ import ml_collections
 from flax import nnx
 
 from geotoken_jax import s2
+from geotoken_jax.encoders import clip
+from geotoken_jax.encoders.vit import ViTEncoder, vit_config
 from geotoken_jax.models import align
 from geotoken_jax.models.align import GeoAlignModel, align_config
 from geotoken_jax.models.decoder import MASKED_LOGIT, Cache, Decoder, head_tables
@@ -73,35 +75,10 @@ from geotoken_jax.models.losses import (
     weighted_cross_entropy,
     weighted_cross_entropy_sums,
 )
-from geotoken_jax.models.vit import ViTEncoder
 
 LOGICAL_AXES = ("embed", "mlp", "heads", "kv", "vocab", "feature", "patch", "position")
 
-_IMAGENET_MEAN = (0.485, 0.456, 0.406)
-_IMAGENET_STD = (0.229, 0.224, 0.225)
-
-# name: (image_size, patch_size, width, depth, num_heads, mlp_dim)
-_VIT_PRESETS = {
-    "vit_tiny": (64, 8, 192, 4, 3, 768),      # CPU-sized, 64 tokens
-    # ~3.1x vit_tiny's FLOPs at the same 64x64 input (dense: (256/192)^2 * 7/4).
-    "vit_small64": (64, 8, 256, 7, 4, 1024),
-    "vit_s16": (224, 16, 384, 12, 6, 1536),
-    "vit_b16": (224, 16, 768, 12, 12, 3072),
-    "vit_l14": (224, 14, 1024, 24, 16, 4096),
-}
-
 PRESETS = ("paper", "paper_modern", "earth_tiny", "earth_small")
-
-
-def vit_config(name: str = "vit_tiny") -> ml_collections.ConfigDict:
-  """A ViT encoder config: one of "vit_tiny", "vit_small64", "vit_s16", "vit_b16", "vit_l14"."""
-  if name not in _VIT_PRESETS:
-    raise ValueError(f"unknown ViT preset {name!r}; known: {sorted(_VIT_PRESETS)}")
-  image_size, patch_size, width, depth, num_heads, mlp_dim = _VIT_PRESETS[name]
-  return ml_collections.ConfigDict(dict(
-      name=name, image_size=image_size, patch_size=patch_size, width=width, depth=depth,
-      num_heads=num_heads, mlp_dim=mlp_dim, norm="pre", activation="gelu",
-      mean=_IMAGENET_MEAN, std=_IMAGENET_STD))
 
 
 def features_config(num_neighbors: int = 15) -> ml_collections.ConfigDict:
@@ -158,8 +135,7 @@ def _check_config(cfg) -> None:
     if "clip" not in cfg:
       raise ValueError("encoder 'clip' needs model_config.clip: set it to "
                        "geotoken_jax.encoders.clip.clip_vision_config(...)")
-    from geotoken_jax.encoders.clip import check_clip_config  # imports this package
-    check_clip_config(cfg.clip)
+    clip.check_clip_config(cfg.clip)
   if cfg.features.num_neighbors < 0:
     raise ValueError(f"features.num_neighbors must be >= 0, got {cfg.features.num_neighbors}")
   for field in ("dropout", "attention_dropout"):
@@ -182,8 +158,6 @@ def pretrained_leaves(model_config: ml_collections.ConfigDict) -> dict:
   if align.is_alignment(model_config):
     return align.pretrained_leaves(model_config)
   if model_config.encoder == "clip":
-    from geotoken_jax.encoders import clip  # pylint: disable=g-import-not-at-top
-
     return clip.pretrained_leaves(model_config)
   return {}
 

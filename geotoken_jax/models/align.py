@@ -41,9 +41,9 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from geotoken_jax.encoders import heads
-from geotoken_jax.models import layers
-from geotoken_jax.models.vit import ViTEncoder
+from geotoken_jax.encoders import clip, geoclip_weights, location
+from geotoken_jax.encoders.vit import ViTEncoder, vit_config
+from geotoken_jax.nn import heads, layers
 
 IMAGE_FEATURES_KEY = "image_features"  # precomputed features, when the tower is "features"
 TEXT_FEATURES_KEY = "text_features"
@@ -53,8 +53,6 @@ ALIGN_PRESETS = ("earth_align", "geoclip", "g3")
 
 
 def _location_config(**overrides):
-  from geotoken_jax.encoders import location  # pylint: disable=g-import-not-at-top
-
   cfg = location.location_encoder_config()
   cfg.update(overrides)
   return cfg
@@ -70,15 +68,12 @@ def align_config(preset: str = "earth_align") -> ml_collections.ConfigDict:
   g3           G3's alignment model: frozen CLIP ViT-L/14, loc / text heads 768 -> 768 -> 768,
                GeoCLIP's encoder on Web Mercator + 512 -> 512 -> 768, text head on
   """
-  from geotoken_jax import models  # pylint: disable=g-import-not-at-top
-  from geotoken_jax.encoders import clip  # pylint: disable=g-import-not-at-top
-
   cfg = ml_collections.ConfigDict(dict(
       preset=preset, architecture="align", image_tower="vit", feature_dim=256, embed_dim=256,
       loc_head=(256,), location=_location_config(weights="geoclip"), location_head=(256,),
       text_dim=0, logit_scale_init=math.log(1 / 0.07), queue_size=1024, image_mlp_weights="", frozen=(),
       layer_norm_eps=1e-5, compute_dtype="float32",
-      vit=models.vit_config("vit_tiny"), clip=clip.clip_vision_config("vit_l14")))
+      vit=vit_config("vit_tiny"), clip=clip.clip_vision_config("vit_l14")))
   if preset == "earth_align":
     cfg.vit.update(width=128, num_heads=2, mlp_dim=512, depth=4)
   elif preset == "geoclip":
@@ -114,8 +109,6 @@ class GeoAlignModel(nnx.Module):
   """Image tower + heads, location tower, learnable logit scales (see the module docstring)."""
 
   def __init__(self, config, *, rngs: nnx.Rngs):
-    from geotoken_jax.encoders import clip, location  # pylint: disable=g-import-not-at-top
-
     check_align_config(config)
     self.image_tower_kind = str(config.image_tower)
     self.embed_dim = int(config.embed_dim)
@@ -297,8 +290,6 @@ def pretrained_leaves(model_config) -> dict[tuple, np.ndarray]:
   """{parameter path: array} of every pretrained part the config names (CLIP tower,
   GeoCLIP's location encoder, GeoCLIP's image MLP as loc_head); the trainer places
   them into the initialized, sharded parameters."""
-  from geotoken_jax.encoders import clip, geoclip_weights, location  # pylint: disable=g-import-not-at-top
-
   leaves: dict[tuple, np.ndarray] = {}
   if (model_config.image_tower == "clip" and not model_config.clip.get("weights")
       and any(p.startswith("image_tower") for p in model_config.get("frozen", ()))):

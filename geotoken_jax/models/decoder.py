@@ -41,7 +41,7 @@ import numpy as np
 from flax import nnx
 
 from geotoken_jax import s2
-from geotoken_jax.models import layers
+from geotoken_jax.nn import layers
 
 # Logit of ids outside a position's vocabulary: finite (no inf - inf NaNs in
 # log_softmax or beam scores), and exp(MASKED_LOGIT - max) is exactly 0 in float32.

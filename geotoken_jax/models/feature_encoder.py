@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from geotoken_jax import s2
-from geotoken_jax.models import layers
+from geotoken_jax.nn import layers
 
 
 class FeatureEncoder(nnx.Module):

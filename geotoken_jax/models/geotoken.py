@@ -25,10 +25,11 @@ import numpy as np
 from flax import nnx
 
 from geotoken_jax import s2
-from geotoken_jax.models import layers
+from geotoken_jax.encoders.clip import CLIPEncoder
+from geotoken_jax.encoders.vit import ViTEncoder
 from geotoken_jax.models.decoder import Cache, Decoder
 from geotoken_jax.models.feature_encoder import FeatureEncoder, NeighborMemory
-from geotoken_jax.models.vit import ViTEncoder
+from geotoken_jax.nn import layers
 
 FEATURE_INPUT_KEYS = ("query_features", "neighbor_features", "neighbor_tokens")
 IMAGE_INPUT_KEY = "image"
@@ -49,8 +50,6 @@ class GeoTokenModel(nnx.Module):
           attention_dropout=float(config.attention_dropout), eps=float(config.layer_norm_eps),
           dtype=dtype, rngs=rngs)
     elif self.encoder_kind == "clip":
-      # Imported here: geotoken_jax.encoders.clip imports geotoken_jax.models.
-      from geotoken_jax.encoders.clip import CLIPEncoder
       self.encoder = CLIPEncoder(config, rngs=rngs)
     elif self.encoder_kind == "features":
       self.encoder = FeatureEncoder(config, spec, rngs=rngs)

@@ -30,18 +30,17 @@ import numpy as np
 
 from geotoken_jax import s2
 from geotoken_jax.data import pipeline
+from geotoken_jax.retrieval.neighbors import check_fields, store_identity
 
 NEIGHBOR_FIELDS = ("query_features", "neighbor_features", "neighbor_tokens", "neighbor_scores",
                    "neighbor_latlng", "neighbor_valid")
 _LATLNG_TOLERANCE = 1e-3  # degrees: float16/32 storage of the same coordinates
 
 
-class Gallery:
+class NeighborGallery:
   """What neighbours are read from: an embedding store, its fields and every row's tokens."""
 
   def __init__(self, store, fields, spec: s2.TokenSpec):
-    from geotoken_jax.retrieval.neighbors import check_fields  # pylint: disable=g-import-not-at-top
-
     self.store = store
     self.fields = check_fields(store, fields)
     self.feature_dim = max(store.dims[f] for f in self.fields)
@@ -82,7 +81,7 @@ def stacked_fields(parts, feature_dim: int) -> np.ndarray:
 
 
 def attach(batch: dict, query_features: np.ndarray, indices: np.ndarray, scores: np.ndarray,
-           gallery: Gallery) -> dict:
+           gallery: NeighborGallery) -> dict:
   """Adds the NEIGHBOR_FIELDS to a batch from query features [B, F, D] and neighbour lists
   indices / scores [B, K] (-1 / -inf: no neighbour)."""
   valid = indices >= 0
@@ -100,7 +99,7 @@ def attach(batch: dict, query_features: np.ndarray, indices: np.ndarray, scores:
 class RetrievalSource:
   """A source whose records carry their neighbours (module docstring)."""
 
-  def __init__(self, source, *, query_store, neighbors, gallery: Gallery, k: int, dropout: float = 0.0,
+  def __init__(self, source, *, query_store, neighbors, gallery: NeighborGallery, k: int, dropout: float = 0.0,
                shuffle: bool = False, seed: int = 0, keep_image: bool = True, name: str = "",
                training: bool = False):
     n = len(source)
@@ -114,8 +113,6 @@ class RetrievalSource:
       raise ValueError(f"{k} neighbours asked, the lists of {neighbors.directory} hold {neighbors.k}")
     if not 0.0 <= dropout < 1.0:
       raise ValueError(f"neighbour dropout must be in [0, 1), got {dropout}")
-    from geotoken_jax.retrieval.neighbors import store_identity  # pylint: disable=g-import-not-at-top
-
     for side, store in (("gallery", gallery.store), ("query", query_store)):
       if neighbors.manifest["identity"][side]["checksum"] != store_identity(store)["checksum"]:
         raise ValueError(f"{neighbors.directory} was searched with other {side} embeddings than "

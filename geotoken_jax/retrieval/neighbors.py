@@ -10,18 +10,16 @@ is the MEAN cosine over the fields (G3 / GeoToken search the sum of three cosine
 with faiss IndexFlatIP; the mean only rescales it, so thresholds read the same
 whatever the number of fields).
 
-Leaks.  A query that belongs to the gallery (same split, or ids shared with it)
-must never retrieve itself or a duplicate of itself, else training teaches the
-model to copy rank 0 and test-time neighbours (which never include the query)
-look nothing like training ones.  Excluded, inside the search (so K neighbours
-still come back): a gallery row with the query's id; a row within
-`duplicate_km` and with score >= `duplicate_similarity` (a re-upload, a burst of
-shots); a row in the query's group when `group` names one: "s2_cell:L" (the S2
-cell at level L of the coordinates: the earth benchmark's held-out splits are
-whole level-6 cells, so training neighbours from the query's own cell would be
-closer than any test query ever gets) or "column:NAME" (a metadata column stored
-in the embeddings, e.g. an author).  Per split the manifest counts how often the
-unfiltered rank 0 was excluded, and why.
+Leaks (retrieval.exclusion builds the rules, excluded inside the search so K
+neighbours still come back).  Training lists (the query split IS the gallery
+split) must never give a query itself or a duplicate of itself, else training
+teaches the model to copy rank 0: a gallery row with the query's id (or row), a
+row within `duplicate_km` with score >= `duplicate_similarity`, a row in the
+query's `group` ("s2_cell:L": the earth benchmark's held-out splits are whole
+level-6 cells).  Every other list (validation, test) is built as test time
+runs: label-free, the same id only, never the query's coordinates; the manifest
+records the regime.  Per split the manifest counts how often the unfiltered
+rank 0 was excluded, and why.
 
 Output per query split, OUTPUT_ROOT/<split>/:
   manifest.json              settings, gallery identity, blocks, statistics
@@ -46,9 +44,10 @@ import jax
 import numpy as np
 from etils import epath
 
-from geotoken_jax import embeddings as embeddings_lib  # the store's atomic writes and broadcasts
-from geotoken_jax import s2, sharding
-from geotoken_jax.retrieval.search import Exclusion, search as exact_search
+from geotoken_jax import embeddings as embeddings_lib
+from geotoken_jax import runtime, sharding
+from geotoken_jax.retrieval import exclusion as exclusion_lib
+from geotoken_jax.retrieval.search import ConcatRows, search as exact_search
 
 FORMAT = "geotoken-neighbors"
 VERSION = 1
@@ -72,41 +71,12 @@ def settings_from_config(retrieval_config) -> dict:
 
 
 # ---------------------------------------------------------------------------
-# Search vectors, ids and groups from an embedding store.
+# Search vectors from an embedding store.
 
 
 def split_dir_name(split: str) -> str:
   """A split's folder name under the embeddings / neighbours roots ("yfcc4k:test" -> "yfcc4k-test")."""
   return re.sub(r"[^A-Za-z0-9._=-]+", "-", split)
-
-
-def id_hashes(ids: np.ndarray) -> np.ndarray:
-  """int64 [N]: integer ids as they are, text ids by a stable 63-bit hash of their text."""
-  ids = np.asarray(ids)
-  if ids.dtype.kind in "iu":
-    return ids.astype(np.int64)
-  return np.asarray([int.from_bytes(hashlib.blake2b(str(v).encode(), digest_size=8).digest(), "little") >> 1
-                     for v in ids.reshape(-1)], np.int64)
-
-
-def group_keys(rule: str, latlng: np.ndarray, store=None) -> np.ndarray | None:
-  """int64 [N] group of every record under `rule` ("" -> None, "s2_cell:L", "column:NAME")."""
-  if not rule:
-    return None
-  kind, _, arg = rule.partition(":")
-  if kind == "s2_cell":
-    try:
-      level = int(arg)
-    except ValueError:
-      raise ValueError(f"group {rule!r}: the S2 level must be an integer, e.g. s2_cell:6") from None
-    latlng = np.asarray(latlng, np.float64)
-    return s2.latlng_to_cell_ids(latlng[:, 0], latlng[:, 1], level).astype(np.int64)
-  if kind == "column":
-    if store is None or arg not in store.columns:
-      raise ValueError(f"group {rule!r}: the embeddings have no column {arg!r} "
-                       f"(columns: {sorted(store.columns) if store is not None else []})")
-    return id_hashes(store.field(arg))
-  raise ValueError(f"unknown group rule {rule!r}: use '', 's2_cell:LEVEL' or 'column:NAME'")
 
 
 def search_vectors(parts: Sequence[np.ndarray]) -> np.ndarray:
@@ -167,26 +137,6 @@ def store_identity(store) -> dict:
 # The index job.
 
 
-def _exclusion(query_store, gallery_store, query_rows: np.ndarray, settings: dict, same_split: bool,
-               gallery_latlng: np.ndarray, gallery_ids, gallery_groups) -> Exclusion | None:
-  query_latlng = np.asarray(query_store.rows("latlng", query_rows), np.float32)
-  fields: dict[str, Any] = {}
-  if settings["same_id"] and gallery_ids is not None and query_store.ids is not None:
-    fields.update(query_ids=id_hashes(query_store.rows("id", query_rows)), gallery_ids=gallery_ids)
-  elif settings["same_id"] and same_split:  # no ids stored: a record is itself by its row
-    fields.update(query_ids=query_rows.astype(np.int64), gallery_ids=np.arange(gallery_store.num_records))
-  if settings["duplicate_km"] > 0:
-    fields.update(query_latlng=query_latlng, gallery_latlng=gallery_latlng,
-                  duplicate_km=float(settings["duplicate_km"]),
-                  duplicate_similarity=float(settings["duplicate_similarity"]))
-  if gallery_groups is not None:
-    groups = group_keys(settings["group"], query_latlng, query_store)
-    if groups.shape[0] != query_rows.size:  # a column rule gives the whole store's column
-      groups = groups[query_rows]
-    fields.update(query_groups=groups, gallery_groups=gallery_groups)
-  return Exclusion(**fields) if fields else None
-
-
 def _comparable(identity: dict | None) -> dict | None:
   """An identity without the performance-only settings (older manifests stored them) and the
   stores' folders."""
@@ -214,8 +164,13 @@ def index_split(query_store, gallery_store, output_dir, *, settings: Mapping[str
     raise ValueError(f"k and block_rows must be >= 1, got {k}, {block_rows}")
   # chunk_rows and query_batch change memory and speed, not results: a run may resume with others.
   result_settings = {k: v for k, v in settings.items() if k not in PERFORMANCE_SETTINGS}
+  # The regime decides which leak rules apply (retrieval.exclusion): training lists may read
+  # the query's coordinates, every other list may not.
+  regime = exclusion_lib.TRAINING if same_split else exclusion_lib.TEST
+  exclusion_lib.group_level(settings["group"])  # an unknown rule fails before anything is written
   identity = {"query": store_identity(query_store), "gallery": store_identity(gallery_store),
-              "same_split": bool(same_split), "settings": {**result_settings, "fields": list(fields)}}
+              "same_split": bool(same_split), "regime": regime,
+              "settings": {**result_settings, "fields": list(fields)}}
   num_queries = query_store.num_records
   manifest = None
   if jax.process_index() == 0:
@@ -234,8 +189,8 @@ def index_split(query_store, gallery_store, output_dir, *, settings: Mapping[str
         (output_dir / name).mkdir(exist_ok=True)
       manifest = {"format": FORMAT, "version": VERSION, "identity": identity, "num_queries": num_queries,
                   "k": k, "block_rows": block_rows, "blocks": [], "complete": False, "timings": []}
-      embeddings_lib._write_atomic(path, json.dumps(manifest, indent=1).encode())
-  manifest = embeddings_lib._broadcast_json(manifest)
+      runtime.write_atomic(path, json.dumps(manifest, indent=1).encode())
+  manifest = runtime.broadcast_json(manifest)
   if "error" in manifest:
     raise ValueError(manifest["error"])
   if manifest["complete"]:
@@ -245,16 +200,17 @@ def index_split(query_store, gallery_store, output_dir, *, settings: Mapping[str
   if mesh is None:  # every device of every process: each host reads only its rows of each chunk
     mesh = sharding.create_mesh({"data": -1, "fsdp": 1})
   gallery = SearchRows(gallery_store, fields)
-  gallery_latlng = np.asarray(gallery_store.latlng, np.float32)
-  gallery_ids = id_hashes(gallery_store.ids) if settings["same_id"] and gallery_store.ids is not None else None
-  gallery_groups = group_keys(settings["group"], gallery_latlng, gallery_store)
+  keys = exclusion_lib.gallery_keys(settings, gallery_store.num_records, regime=regime, ids=gallery_store.ids,
+                                    latlng=gallery_store.latlng if regime == exclusion_lib.TRAINING else None)
   num_blocks = math.ceil(num_queries / block_rows)
   start_time, searched = time.perf_counter(), 0
   for block in range(len(manifest["blocks"]), num_blocks):
     rows = np.arange(block * block_rows, min((block + 1) * block_rows, num_queries))
     queries = search_vectors([query_store.rows(f, rows) for f in fields])
-    exclusion = _exclusion(query_store, gallery_store, rows, settings, same_split, gallery_latlng,
-                           gallery_ids, gallery_groups)
+    exclusion = exclusion_lib.query_exclusion(
+        settings, keys, query_rows=rows,
+        query_ids=query_store.rows("id", rows) if query_store.ids is not None else None,
+        query_latlng=query_store.rows("latlng", rows) if regime == exclusion_lib.TRAINING else None)
     result = exact_search(queries, gallery, k, mesh=mesh, chunk_rows=int(settings["chunk_rows"]),
                                query_batch=int(settings["query_batch"]), dtype=str(settings["dtype"]),
                                margin=int(settings["margin"]), exclusion=exclusion, progress=progress)
@@ -263,18 +219,18 @@ def index_split(query_store, gallery_store, output_dir, *, settings: Mapping[str
       entry = {"rows": [int(rows[0]), int(rows[-1]) + 1], "stats": result.stats(),
                "files": {name: f"{name}/{block:05d}.npy" for name in ("indices", "scores")}}
       for name, array in (("indices", result.indices.astype(np.int64)), ("scores", result.scores.astype(np.float32))):
-        embeddings_lib._write_atomic(output_dir / entry["files"][name], embeddings_lib._npy_bytes(array))
+        runtime.write_atomic(output_dir / entry["files"][name], runtime.npy_bytes(array))
       manifest["blocks"].append(entry)
       manifest["complete"] = len(manifest["blocks"]) == num_blocks
       if manifest["complete"]:
         manifest["stats"] = combine_stats([b["stats"] for b in manifest["blocks"]])
-      embeddings_lib._write_atomic(output_dir / MANIFEST, json.dumps(manifest, indent=1).encode())
+      runtime.write_atomic(output_dir / MANIFEST, json.dumps(manifest, indent=1).encode())
   seconds = time.perf_counter() - start_time
   if jax.process_index() == 0:
     manifest["timings"].append({"queries": searched, "seconds": seconds,
                                 "queries_per_second": searched / max(seconds, 1e-9)})
-    embeddings_lib._write_atomic(output_dir / MANIFEST, json.dumps(manifest, indent=1).encode())
-  return embeddings_lib._broadcast_json(manifest)
+    runtime.write_atomic(output_dir / MANIFEST, json.dumps(manifest, indent=1).encode())
+  return runtime.broadcast_json(manifest)
 
 
 def combine_stats(blocks: Sequence[dict]) -> dict:
@@ -325,8 +281,6 @@ class Neighbors:
 
   def _load(self, name: str):
     """The blocks memory-mapped (local) or read (remote), as one row view (never concatenated)."""
-    from geotoken_jax.retrieval.search import ConcatRows  # pylint: disable=g-import-not-at-top
-
     parts = []
     for block in self.manifest["blocks"]:
       path = self.directory / block["files"][name]

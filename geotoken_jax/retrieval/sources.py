@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from etils import epath
 
-from geotoken_jax import data, s2
+from geotoken_jax import data, embeddings, s2
 from geotoken_jax.retrieval import join, neighbors
 
 
@@ -49,23 +49,20 @@ def alignment_workdir(config, workdir) -> epath.Path:
   return resolve(workdir, config.retrieval.alignment_workdir)
 
 
-def load_gallery(config, workdir, spec: s2.TokenSpec) -> join.Gallery:
-  from geotoken_jax import embeddings  # pylint: disable=g-import-not-at-top
-
+def load_neighbor_gallery(config, workdir, spec: s2.TokenSpec) -> join.NeighborGallery:
   store = embeddings.open_embeddings(embeddings_dir(config, workdir, config.retrieval.gallery))
-  return join.Gallery(store, tuple(config.retrieval.fields), spec)
+  return join.NeighborGallery(store, tuple(config.retrieval.fields), spec)
 
 
 def has_lists(config, workdir, split: str) -> bool:
   return (neighbors_dir(config, workdir, split) / neighbors.MANIFEST).exists()
 
 
-def wrap_source(config, workdir, split: str, source, spec: s2.TokenSpec, *, gallery: join.Gallery | None = None,
-                training: bool = False, keep_image: bool = True) -> join.RetrievalSource:
+def wrap_source(config, workdir, split: str, source, spec: s2.TokenSpec, *,
+                gallery: join.NeighborGallery | None = None, training: bool = False,
+                keep_image: bool = True) -> join.RetrievalSource:
   """`source` (the records of `split`) with their stored neighbour lists attached."""
-  from geotoken_jax import embeddings  # pylint: disable=g-import-not-at-top
-
-  gallery = gallery or load_gallery(config, workdir, spec)
+  gallery = gallery or load_neighbor_gallery(config, workdir, spec)
   try:
     query_store = embeddings.open_embeddings(embeddings_dir(config, workdir, split))
     lists = neighbors.open_neighbors(neighbors_dir(config, workdir, split))
@@ -89,7 +86,7 @@ def get_source(config, workdir, split: str, spec: s2.TokenSpec, *, seed: int = 0
                      keep_image=keep_image)
 
 
-def check_model(config, gallery: join.Gallery | None = None) -> None:
+def check_model(config, gallery: join.NeighborGallery | None = None) -> None:
   """The model reads what the retrieval block feeds (K, the fields and their width)."""
   model, r = config.model, config.retrieval
   if "architecture" in model and model.architecture == "align":

@@ -3,6 +3,9 @@
 The host ships uint8 images; scaling to [0, 1] and the per-channel mean / std
 normalization happen here, on device.  No class token: the decoder attends to
 every patch token.  Blocks are pre-LN with a final LayerNorm, as in ViT.
+
+`vit_config(name)` gives a preset's config (re-exported as geotoken_jax.models.vit_config):
+name, image_size, patch_size, width, depth, num_heads, mlp_dim, norm, activation, mean, std.
 """
 
 from __future__ import annotations
@@ -11,10 +14,35 @@ import math
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from flax import nnx
 
-from geotoken_jax.models import layers
+from geotoken_jax.nn import layers
+
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# name: (image_size, patch_size, width, depth, num_heads, mlp_dim)
+_VIT_PRESETS = {
+    "vit_tiny": (64, 8, 192, 4, 3, 768),      # CPU-sized, 64 tokens
+    # ~3.1x vit_tiny's FLOPs at the same 64x64 input (dense: (256/192)^2 * 7/4).
+    "vit_small64": (64, 8, 256, 7, 4, 1024),
+    "vit_s16": (224, 16, 384, 12, 6, 1536),
+    "vit_b16": (224, 16, 768, 12, 12, 3072),
+    "vit_l14": (224, 14, 1024, 24, 16, 4096),
+}
+
+
+def vit_config(name: str = "vit_tiny") -> ml_collections.ConfigDict:
+  """A ViT encoder config: one of "vit_tiny", "vit_small64", "vit_s16", "vit_b16", "vit_l14"."""
+  if name not in _VIT_PRESETS:
+    raise ValueError(f"unknown ViT preset {name!r}; known: {sorted(_VIT_PRESETS)}")
+  image_size, patch_size, width, depth, num_heads, mlp_dim = _VIT_PRESETS[name]
+  return ml_collections.ConfigDict(dict(
+      name=name, image_size=image_size, patch_size=patch_size, width=width, depth=depth,
+      num_heads=num_heads, mlp_dim=mlp_dim, norm="pre", activation="gelu",
+      mean=_IMAGENET_MEAN, std=_IMAGENET_STD))
 
 
 class ViTEncoder(nnx.Module):

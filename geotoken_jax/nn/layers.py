@@ -1,7 +1,7 @@
 """Transformer building blocks: attention with a KV cache, MLP, encoder and decoder blocks.
 
 Every parameter is float32 and carries logical sharding axis names (see
-`geotoken_jax.models` for the vocabulary) as `out_sharding` metadata; the
+`geotoken_jax.models` and its LOGICAL_AXES for the vocabulary) as `out_sharding` metadata; the
 names are never applied eagerly, so building a model needs no mesh and
 `nnx.get_partition_spec` (under `flax.core.spmd.logical_axis_rules`) maps them
 to mesh axes.  Matmuls run in the compute dtype; LayerNorm statistics, softmax

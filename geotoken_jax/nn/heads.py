@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from geotoken_jax.models import layers
+from geotoken_jax.nn import layers
 
 
 class Dense(nnx.Module):

@@ -1,0 +1,280 @@
+"""The predictor: one jitted function per strategy set, and running sources through it.
+
+  Predictor            encodes each batch ONCE and runs every strategy group (greedy,
+                       beams, sample pools, gallery:K, knn:K, each with its selection rules)
+                       on that memory; cell tries are arguments, not constants baked into
+                       the program
+  predict_batches      a source's padded, masked global batches through a Predictor,
+                       gathered on the host
+  validation_metrics   loss, token accuracy and one strategy's acc@km over a source: the
+                       trainer's validation and final test
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from geotoken_jax import data, decoding, metrics, models, runtime, s2, sharding
+from geotoken_jax.decoding import strategies
+from geotoken_jax.decoding.strategies import Strategy
+from geotoken_jax.inference.location_gallery import (LocationGallery, gallery_with_features, load_location_gallery,
+                                                     location_features)
+from geotoken_jax.inference.restore import RestoredModel, evaluate_config
+from geotoken_jax.inference.tries import build_tries, trie_key
+
+
+@dataclasses.dataclass
+class StrategyGroup:
+  """Strategies that share one decoded pool (they differ only in the selection rule)."""
+  pool: Strategy
+  members: list[Strategy]
+
+
+def group_strategies(wanted: Sequence[Strategy]) -> list[StrategyGroup]:
+  groups: dict[Strategy, StrategyGroup] = {}
+  for s in wanted:
+    groups.setdefault(s.pool_key, StrategyGroup(s.pool_key, [])).members.append(s)
+  return list(groups.values())
+
+
+class Predictor:
+  """(params, global batch) -> every strategy's prediction and top-k candidates, per image.
+
+  One jitted function: the encoder runs once per batch; each pool (greedy,
+  beam:W, sample:N:T...) is decoded once from that memory and every selection
+  rule asked of it is applied.  Tries are passed as arguments, so the compiled
+  program does not grow with them.  With `loss_weights`, the teacher-forced loss
+  and per-position token hits of the batch's own tokens come out too (validation).
+  Output per strategy name: predicted [B, 2], chosen [B], candidate_tokens [B, k, P],
+  candidate_latlng [B, k, 2], candidate_prob [B, k] (0 for empty slots).
+
+  Alignment models: when the model itself is one (`is_aligner`), its strategies are
+  gallery:K over `gallery`; a GeoToken model with an `aligner` (a restored alignment
+  model) also gets gallery:K and the similarity / fused rules, the candidates'
+  locations embedded by the aligner inside the same program.
+  """
+
+  def __init__(self, graphdef: nnx.GraphDef, params: Any, param_shardings: Any, mesh, spec: s2.TokenSpec,
+               wanted: Sequence[Strategy], *, num_candidates: int = 5, seed: int = 0,
+               tries: Mapping[str, decoding.CellTrie] | None = None, loss_weights=None,
+               is_aligner: bool = False, aligner: "RestoredModel | None" = None, gallery: LocationGallery | None = None,
+               fused_weight: float = 1.0, knn_temperature: float = 0.05):
+    self.mesh, self.spec = mesh, spec
+    self.params = params
+    self.strategies = list(wanted)
+    self.groups = group_strategies(self.strategies)
+    self.tries = dict(tries or {})
+    self.aligner = aligner
+    self.gallery = gallery
+    missing = {trie_key(s, spec) for s in self.strategies if s.trie_min_count} - set(self.tries)
+    if missing:
+      raise ValueError(f"no trie given for {sorted(missing)}")
+    aligned = [s.name for s in self.strategies if strategies.needs_alignment(s)]
+    if aligned and not is_aligner and aligner is None:
+      raise ValueError(f"{', '.join(aligned)} need an alignment model: set evaluate.alignment_workdir "
+                       "(--alignment_workdir) to a workdir trained with an alignment config")
+    if is_aligner and any(s.kind != "gallery" for s in self.strategies):
+      raise ValueError("an alignment model predicts with gallery:K strategies only, got "
+                       f"{[s.name for s in self.strategies if s.kind != 'gallery']}")
+    if any(s.kind == "gallery" for s in self.strategies) and gallery is None:
+      raise ValueError("gallery:K needs a gallery (evaluate.gallery)")
+    with_loss = loss_weights is not None
+    weights = None if loss_weights is None else jnp.asarray(loss_weights, jnp.float32)
+    groups, k, fused_weight = self.groups, int(num_candidates), float(fused_weight)
+    needs_query = bool(aligned)
+    if not knn_temperature > 0:
+      raise ValueError(f"evaluate.knn_temperature must be > 0, got {knn_temperature}")
+    knn_temperature = float(knn_temperature)
+    decoded = any(g.pool.kind in ("greedy", "beam", "sample") for g in groups)
+
+    def predict(params, batch, tries, aligner_params, gallery_arrays):
+      model = nnx.merge(graphdef, params)
+      align_model = model if is_aligner else (
+          nnx.merge(aligner.graphdef, aligner_params) if aligner is not None else None)
+      out = {}
+      query = align_model.embed(batch)["loc_head"] if needs_query or (is_aligner and with_loss) else None
+      scale = align_model.logit_scale() if align_model is not None else None
+      if is_aligner:
+        if with_loss:  # image -> location InfoNCE of each row against the batch's locations
+          cos = align_model.similarity(query, align_model.locate(batch["latlng"].astype(jnp.float32)))
+          logits = scale * jnp.where(batch["mask"][None, :], cos, -jnp.inf) if "mask" in batch else scale * cos
+          out["loss"] = jax.nn.logsumexp(logits, axis=1) - jnp.diagonal(logits)
+      elif decoded or with_loss:
+        memory = model.encode(batch, deterministic=True)  # once per image, for every strategy
+        if with_loss:
+          logits = model.decode(memory, batch["tokens"], deterministic=True)
+          out["loss"], out["token_hits"] = models.per_row_losses(logits, batch["tokens"], weights)
+        keys = strategies.image_keys(seed, batch["index"])
+      for group in groups:
+        if group.pool.kind == "gallery":
+          pool = gallery_pool(query, scale, gallery_arrays, group.pool.num_samples)
+        elif group.pool.kind == "knn":  # retrieval alone: the batch's own neighbours
+          pool = strategies.knn_pool(batch, group.pool.num_samples, knn_temperature)
+        else:
+          trie = tries.get(trie_key(group.pool, spec)) if group.pool.trie_min_count else None
+          pool = strategies.decode_pool(model, memory, group.pool, keys, trie)
+          if any(strategies.needs_alignment(m) for m in group.members):
+            batch_size, n = pool["latlng"].shape[:2]
+            located = align_model.locate(pool["latlng"].reshape(batch_size * n, 2)).reshape(batch_size, n, -1)
+            pool["similarity"] = scale * jnp.einsum("be,bne->bn", models.align.normalize(query),
+                                                    models.align.normalize(located))  # [batch, N]
+        for member in group.members:
+          chosen = strategies.choose(pool, member.rule, k, fused_weight)
+          index = jnp.maximum(chosen["candidates"], 0)  # [batch, k]; -1 slots have probability 0
+          out[member.name] = {
+              "predicted": chosen["predicted"],  # [batch, 2]
+              "chosen": chosen["chosen"],  # [batch]
+              "candidate_tokens": jnp.take_along_axis(pool["tokens"], index[:, :, None], axis=1),
+              "candidate_latlng": jnp.take_along_axis(pool["latlng"], index[:, :, None], axis=1),
+              "candidate_prob": chosen["candidate_prob"],  # [batch, k]
+          }
+      return out
+
+    batch_sharding = sharding.batch_sharding(mesh)
+    replicated = sharding.replicated(mesh)
+    trie_shardings = jax.tree.map(lambda _: replicated, self.tries)
+    aligner_shardings = aligner.param_shardings if aligner is not None else None
+    self._gallery_arrays = None
+    gallery_shardings = None
+    if gallery is not None:
+      gallery_shardings = {"latlng": replicated, "tokens": replicated, "features": replicated}
+      if gallery.features is not None:  # placed once, not copied to the devices at every call
+        self._gallery_arrays = jax.device_put(gallery.arrays(), gallery_shardings)
+    self._fn = jax.jit(predict, in_shardings=(param_shardings, batch_sharding, trie_shardings,
+                                              aligner_shardings, gallery_shardings),
+                       out_shardings=batch_sharding)
+    self._graphdef, self._is_aligner = graphdef, is_aligner
+
+  @classmethod
+  def from_restored(cls, restored: "RestoredModel", wanted: Sequence[Strategy], *, num_candidates: int = 5,
+                    seed: int = 0, cache_dir=None, aligner: "RestoredModel | None" = None,
+                    gallery: str | None = None, fused_weight: float | None = None) -> "Predictor":
+    """A predictor for a restored model; an alignment model (restored or `aligner`) gets its
+    gallery (evaluate.gallery, or `gallery`) embedded once and cached in cache_dir."""
+    config = restored.config
+    is_aligner = models.align.is_alignment(config.model)
+    tries = build_tries(config, restored.spec, wanted, cache_dir=cache_dir)
+    gallery_data = None
+    if any(s.kind == "gallery" for s in wanted):
+      gallery_data = load_location_gallery(config, restored.spec, gallery)
+      gallery_data = gallery_with_features(gallery_data, restored if is_aligner else aligner, cache_dir,
+                                           identity=str(getattr(aligner or restored, "workdir", "")))
+    weight = float(evaluate_config(config).fused_weight if fused_weight is None else fused_weight)
+    return cls(restored.graphdef, restored.params, restored.param_shardings, restored.mesh, restored.spec,
+               wanted, num_candidates=num_candidates, seed=seed, tries=tries, is_aligner=is_aligner,
+               aligner=aligner, gallery=gallery_data, fused_weight=weight,
+               knn_temperature=float(evaluate_config(config).knn_temperature))
+
+  def refresh_gallery(self, params) -> None:
+    """Re-embeds the gallery with `params` (an alignment model's own validation while it trains)."""
+    if self.gallery is None or (self.aligner is not None and self._gallery_arrays is not None):
+      return  # a separate aligner's features do not change
+    source = self.aligner if self.aligner is not None else None
+    graphdef, current = (source.graphdef, source.params) if source is not None else (self._graphdef, params)
+    self.gallery = dataclasses.replace(self.gallery, features=location_features(graphdef, current, self.mesh,
+                                                                                self.gallery.latlng))
+    replicated = sharding.replicated(self.mesh)
+    self._gallery_arrays = jax.device_put(self.gallery.arrays(), jax.tree.map(lambda _: replicated,
+                                                                                self.gallery.arrays()))
+
+  def _args(self, device_batch, params):
+    aligner_params = self.aligner.params if self.aligner is not None else None
+    if any(s.kind == "gallery" for s in self.strategies) and self._gallery_arrays is None:
+      raise ValueError("the gallery has no location features: call refresh_gallery(params) first")
+    return (self.params if params is None else params, dict(device_batch), self.tries, aligner_params,
+            self._gallery_arrays)
+
+  def __call__(self, device_batch: Mapping[str, jax.Array], params=None) -> dict:
+    return self._fn(*self._args(device_batch, params))
+
+  def lower(self, device_batch, params=None):
+    """The jitted function lowered for a batch (for inspecting the compiled program)."""
+    return self._fn.lower(*self._args(device_batch, params))
+
+
+def gallery_pool(query: jax.Array, scale: jax.Array, gallery: Mapping[str, jax.Array], k: int
+                 ) -> dict[str, jax.Array]:
+  """The k gallery locations most similar to each image (GeoCLIP's inference) as a pool:
+  tokens [B, k, P], log_prob [B, k] (log-softmax of the scaled cosine over the WHOLE
+  gallery), latlng [B, k, 2], valid, similarity [B, k] (the scaled cosine)."""
+  logits = scale * jnp.einsum("be,ge->bg", models.align.normalize(query), gallery["features"])  # [batch, G]
+  k = min(int(k), logits.shape[1])
+  top, index = jax.lax.top_k(logits, k)  # [batch, k]
+  log_prob = top - jax.nn.logsumexp(logits, axis=1, keepdims=True)
+  return {"tokens": gallery["tokens"][index], "log_prob": log_prob, "latlng": gallery["latlng"][index],
+          "valid": jnp.ones(index.shape, jnp.bool_), "similarity": top}
+
+
+def _host_field(source, local: dict, key: str, index: np.ndarray, process_count: int) -> np.ndarray:
+  """A field of every row of the global batch on this process (numeric: all-gathered;
+  text: this process's rows, the others' read from the source)."""
+  values = np.asarray(local[key])
+  if process_count == 1:
+    return values
+  if values.dtype.kind in "biuf":
+    return np.asarray(multihost_utils.process_allgather(values, tiled=True))
+  rows = np.minimum(index, len(source) - 1)
+  return np.asarray(data.load_rows(source, rows)[key])
+
+
+def predict_batches(predictor: Predictor, source, *, global_batch_size: int, start_batch: int = 0,
+                    params=None, text_fields: Sequence[str] = ("id", "country"), transform=None
+                    ) -> Iterator[tuple[int, dict, dict]]:
+  """(batch number, gathered host fields, gathered predictions) for every global batch.
+
+  Every process runs this in step (collectives); each loads only its rows.
+  Gathered fields: latlng, index, mask (+ loss fields' inputs) and the text fields
+  the source has.  Padding rows have mask False.
+  """
+  process_index, process_count = jax.process_index(), jax.process_count()
+  if global_batch_size % process_count:
+    raise ValueError(f"batch size {global_batch_size} must divide over {process_count} processes")
+  batch_size = global_batch_size // process_count
+  num_batches = data.num_eval_batches(len(source), batch_size=batch_size, process_count=process_count)
+  batches = iter(data.eval_batches(source, batch_size=batch_size, process_index=process_index,
+                                   process_count=process_count, start_batch=start_batch))
+  for number in range(start_batch, num_batches):
+    local = next(batches)
+    rows = (number * process_count + process_index) * batch_size + np.arange(batch_size)
+    local["index"] = rows.astype(np.int32)
+    if transform is not None:  # e.g. OnlineRetrieval: neighbours found now (every process in step)
+      local = transform(local)
+    device_batch = sharding.make_global_batch(runtime.device_fields(local), predictor.mesh)
+    out = runtime.gather_tree(predictor(device_batch, params))
+    gathered = {k: np.asarray(multihost_utils.process_allgather(np.asarray(local[k]), tiled=True))
+                if process_count > 1 else np.asarray(local[k]) for k in ("latlng", "index", "mask")}
+    for key in text_fields:
+      if key in local:
+        gathered[key] = _host_field(source, local, key, gathered["index"], process_count)
+    yield number, gathered, out
+
+
+def validation_metrics(predictor: Predictor, source, *, global_batch_size: int, strategy_name: str = "greedy",
+                       params=None) -> dict:
+  """acc@km table of one strategy plus the teacher-forced loss and per-position token
+  accuracy (the predictor must have loss_weights) over a source; padding excluded."""
+  loss_sum, hits_sum, distances, count = 0.0, 0.0, [], 0
+  for _, gathered, out in predict_batches(predictor, source, global_batch_size=global_batch_size,
+                                          params=params, text_fields=()):
+    mask = gathered["mask"].astype(bool)
+    loss_sum += float(out["loss"][mask].astype(np.float64).sum())
+    if "token_hits" in out:  # a decoder's; an alignment model has none
+      hits_sum = hits_sum + out["token_hits"][mask].sum(axis=0)
+    distances.append(metrics.haversine_km(gathered["latlng"][mask].astype(np.float64),
+                                          out[strategy_name]["predicted"][mask].astype(np.float64)))
+    count += int(mask.sum())
+  if not count:
+    raise ValueError(f"validation saw no examples in {source!r}")
+  result = metrics.accuracy_table(np.concatenate(distances))
+  result["loss"] = loss_sum / count
+  if np.ndim(hits_sum):
+    result["token_accuracy"] = (np.asarray(hits_sum) / count).tolist()
+  return result
