@@ -37,6 +37,7 @@ at a few thousand images/s of ViT-L inference that is ~15 MB/s reaching process
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -257,14 +258,21 @@ def write_embeddings(embed_fn: Callable[[dict], Mapping[str, jax.Array]], source
                 "extra": settings["extra"], "timings": []}
   num_shards = math.ceil(num_records / shard_rows)
   next_shard = len(manifest["shards"])
-  if process_index == 0:
-    output_dir.mkdir(parents=True, exist_ok=True)
+  # Process 0 writes; every write is followed by runtime.fail_together, so a failed write (a
+  # full disk, a lost bucket permission) raises on every process instead of leaving the others
+  # waiting in the next batch's collective.
+  writing = f"writing embeddings to {output_dir}"
   if next_shard == num_shards:  # nothing left to compute
-    if process_index == 0 and not manifest["complete"]:
-      runtime.write_atomic(output_dir / MANIFEST, json.dumps(dict(manifest, complete=True), indent=1).encode())
+    if not manifest["complete"]:
+      runtime.on_process_0(lambda: runtime.write_atomic(
+          output_dir / MANIFEST, json.dumps(dict(manifest, complete=True), indent=1).encode()), writing)
     return dict(manifest, complete=True)
-  if process_index == 0:
+
+  def start_manifest():
+    output_dir.mkdir(parents=True, exist_ok=True)
     runtime.write_atomic(output_dir / MANIFEST, json.dumps(manifest, indent=1).encode())
+
+  runtime.on_process_0(start_manifest, writing)
 
   start_row = next_shard * shard_rows
   start_batch = start_row // global_batch_size
@@ -273,6 +281,32 @@ def write_embeddings(embed_fn: Callable[[dict], Mapping[str, jax.Array]], source
   bar = runtime.progress(num_batches, "embeddings", start_batch) if progress else None
   pending: dict[str, list[np.ndarray]] = {}
   pending_rows, computed, first_batch = 0, 0, True
+
+  def absorb(rows, host, embedded, keep):
+    """Process 0: buffers a batch's kept rows and writes every shard they complete."""
+    nonlocal pending, pending_rows, next_shard
+    with np.errstate(over="ignore"):  # float16 overflow: counted as non-finite in _write_shard
+      columns = {k: v[keep].astype(dtype) for k, v in embedded.items()}
+    columns.update({"latlng": host["latlng"][keep], "index": rows[keep].astype(np.int64)})
+    if "tokens" in host:
+      columns["tokens"] = host["tokens"][keep]
+    if "id" in host:
+      columns["id"] = host["id"][keep]
+    for k, v in columns.items():
+      pending.setdefault(k, []).append(v)
+    pending_rows += int(keep.sum())
+    # Cut every shard the buffered rows complete (a batch may straddle shards).
+    while next_shard < num_shards:
+      first, end = _shard_bounds(next_shard, shard_rows, num_records)
+      if pending_rows < end - first:
+        break
+      parts = {k: np.concatenate(v) for k, v in pending.items()}
+      taken = end - first
+      _write_shard(output_dir, manifest, next_shard, first, {k: v[:taken] for k, v in parts.items()})
+      pending = {k: [v[taken:]] for k, v in parts.items()}
+      pending_rows -= taken
+      next_shard += 1
+
   start = time.perf_counter()
   try:
     for rows, host, embedded in embedded_batches(embed_fn, source, mesh, global_batch_size=global_batch_size,
@@ -289,35 +323,15 @@ def write_embeddings(embed_fn: Callable[[dict], Mapping[str, jax.Array]], source
         first_batch = False
       keep = (rows >= start_row) & (rows < num_records)  # padding and rows of complete shards dropped
       computed += int(keep.sum())
-      if process_index == 0:
-        with np.errstate(over="ignore"):  # float16 overflow: counted as non-finite in _write_shard
-          columns = {k: v[keep].astype(dtype) for k, v in embedded.items()}
-        columns.update({"latlng": host["latlng"][keep], "index": rows[keep].astype(np.int64)})
-        if "tokens" in host:
-          columns["tokens"] = host["tokens"][keep]
-        if "id" in host:
-          columns["id"] = host["id"][keep]
-        for k, v in columns.items():
-          pending.setdefault(k, []).append(v)
-        pending_rows += int(keep.sum())
-        # Cut every shard the buffered rows complete (a batch may straddle shards).
-        while next_shard < num_shards:
-          first, end = _shard_bounds(next_shard, shard_rows, num_records)
-          if pending_rows < end - first:
-            break
-          parts = {k: np.concatenate(v) for k, v in pending.items()}
-          taken = end - first
-          _write_shard(output_dir, manifest, next_shard, first, {k: v[:taken] for k, v in parts.items()})
-          pending = {k: [v[taken:]] for k, v in parts.items()}
-          pending_rows -= taken
-          next_shard += 1
+      runtime.on_process_0(functools.partial(absorb, rows, host, embedded, keep), writing)
       if bar is not None:
         bar.update(1)
   finally:
     if bar is not None:
       bar.close()
   seconds = time.perf_counter() - start
-  if process_index == 0:
+
+  def finish():
     if next_shard != num_shards or pending_rows:
       raise RuntimeError(f"internal error: {next_shard} of {num_shards} shards written, {pending_rows} rows left")
     manifest["complete"] = True
@@ -333,6 +347,8 @@ def write_embeddings(embed_fn: Callable[[dict], Mapping[str, jax.Array]], source
     if progress:
       print(f"embedded {computed} images in {seconds:.1f} s: {computed / max(seconds, 1e-9):.1f} images/s "
             f"-> {output_dir}")
+
+  runtime.on_process_0(finish, writing)
   return runtime.broadcast_json(manifest if process_index == 0 else None)
 
 

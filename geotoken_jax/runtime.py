@@ -3,6 +3,8 @@
   write_atomic, npy_bytes, file_sha256   files a reader never sees half written
   jsonable                               a value as it reads back from JSON
   broadcast_json                         process 0's JSON-able value on every process
+  fail_together, on_process_0            a failure on one process raises on every process
+                                         (none waits in a collective for one that raised)
   allgather, allgather_text, gather_tree every process's rows of a batch, on every process
   device_fields                          the fields of a host batch that go to the devices
   progress                               a tqdm bar on process 0
@@ -18,7 +20,7 @@ import io
 import json
 import sys
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -88,6 +90,48 @@ def broadcast_json(value: Any) -> Any:
   if payload is not None:
     buffer[:] = payload
   return json.loads(bytes(np.asarray(multihost_utils.broadcast_one_to_all(buffer))).decode())
+
+
+class ProcessFailure(RuntimeError):
+  """Raised on every process when one process of a multi-process job failed (the message is
+  that process's)."""
+
+
+def fail_together(error: BaseException | None, what: str) -> None:
+  """Every process calls it in step, with the exception it caught (or None).  If any process
+  holds one, every process raises ProcessFailure with the first failing process's message;
+  on one process the exception itself is re-raised.  Without this, a process that raises
+  leaves the others waiting in their next collective forever."""
+  if jax.process_count() == 1:
+    if error is not None:
+      raise error
+    return
+  failed = np.asarray(multihost_utils.process_allgather(np.int32(error is not None)))  # [P]
+  if not failed.any():
+    return
+  first = int(np.argmax(failed))
+  message = f"{what} failed on process {first}"
+  if error is not None and jax.process_index() == first:
+    message += f": {type(error).__name__}: {error}"
+  mine = np.frombuffer(message.encode(), np.uint8)
+  width = int(np.max(multihost_utils.process_allgather(np.int32(mine.size))))
+  buffer = np.zeros((1, width), np.uint8)
+  buffer[0, :mine.size] = mine
+  messages = np.asarray(multihost_utils.process_allgather(buffer, tiled=True))  # [P, width]
+  raise ProcessFailure(bytes(messages[first]).rstrip(b"\0").decode()) from error
+
+
+def on_process_0(fn: Callable[[], Any], what: str) -> Any:
+  """fn() on process 0 only (a write, a conversion, a check), then fail_together: its result on
+  process 0 (None elsewhere), or its failure raised on every process."""
+  result, error = None, None
+  if jax.process_index() == 0:
+    try:
+      result = fn()
+    except Exception as e:  # noqa: BLE001 -- re-raised on every process by fail_together
+      error = e
+  fail_together(error, what)
+  return result
 
 
 def allgather(x) -> np.ndarray:

@@ -205,14 +205,17 @@ def load_pretrained(state: dict, config: ml_collections.ConfigDict) -> dict:
   """Places the pretrained weights the model config names (CLIP tower, GeoCLIP location
   encoder, ...) into the freshly initialized, sharded parameters; every loaded array must
   match a parameter's path and shape."""
-  if jax.process_count() > 1:  # process 0 converts any weights first (once), the others then read them
-    if jax.process_index() == 0:
+  # Process 0 converts any weights first (once), the others then read them; a failure on any
+  # process (a bad weights path on one host) raises on all of them instead of a hang.
+  what = "loading the pretrained weights the model config names"
+  leaves = runtime.on_process_0(lambda: models.pretrained_leaves(config.model), what)
+  error = None
+  if jax.process_index() != 0:
+    try:
       leaves = models.pretrained_leaves(config.model)
-    multihost_utils.sync_global_devices("geotoken pretrained weights ready")
-    if jax.process_index() != 0:
-      leaves = models.pretrained_leaves(config.model)
-  else:
-    leaves = models.pretrained_leaves(config.model)
+    except Exception as e:  # noqa: BLE001 -- raised on every process by fail_together
+      error = e
+  runtime.fail_together(error, what)
   leaves = {**leaves, **_init_from_leaves(config)}
   if not leaves:
     return state

@@ -21,7 +21,7 @@ import time
 import jax
 import numpy as np
 
-from geotoken_jax.bench.embed_bench import MP16_IMAGES
+from geotoken_jax.bench.common import MP16_IMAGES
 from geotoken_jax.retrieval.search import search
 
 

@@ -65,9 +65,12 @@ def normalize_image(data: bytes, *, max_side: int = 0) -> tuple[bytes, int, int]
   return out.getvalue(), rgb.width, rgb.height
 
 
+RESIZE_MODES = ("default", "clip")
+
+
 def decode_resized(data: bytes, size: int, *, rng: np.random.Generator | None = None,
                    scale: tuple[float, float] = (0.35, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
-                   flip: bool = False) -> np.ndarray:
+                   flip: bool = False, mode: str = "default") -> np.ndarray:
   """Encoded image -> uint8 [size, size, 3].
 
   rng None: deterministic evaluation view (shorter side resized to `size`,
@@ -75,12 +78,25 @@ def decode_resized(data: bytes, size: int, *, rng: np.random.Generator | None = 
   is cut out without resampling (offset floor((long - size) / 2)): a 64x64
   image at size 64 comes back pixel for pixel.  With an rng: a random resized crop (area fraction in `scale`,
   aspect ratio in `ratio`, as Inception / torchvision) and, if `flip`, a
-  random horizontal flip.  Large JPEGs are decoded at a reduced scale first
-  (PIL draft mode), which is much faster and loses nothing at the target size.
+  random horizontal flip.
+
+  mode "default": large JPEGs are decoded at a reduced scale first (PIL draft
+  mode, DCT scaling: much faster, close but not identical pixels), then
+  resampled bilinearly.
+  mode "clip": what CLIP's weights expect, exactly transformers'
+  CLIPImageProcessor (PIL backend): decoded at full resolution (no draft), the
+  evaluation view is `clip_resize_crop` (bicubic, its rounding); the training
+  crop is resampled bicubically (antialiased, as every PIL resize) from the
+  full-resolution image.
   """
+  if mode not in RESIZE_MODES:
+    raise ValueError(f"resize mode must be one of {RESIZE_MODES}, got {mode!r}")
   with Image.open(io.BytesIO(data)) as image:
-    image.draft("RGB", (size, size))  # JPEG: decode at >= size via DCT scaling
+    if mode == "default":
+      image.draft("RGB", (size, size))  # JPEG: decode at >= size via DCT scaling
     image = to_rgb(image)
+    if rng is None and mode == "clip":
+      return clip_resize_crop(image, size)
     width, height = image.size
     if rng is None and min(width, height) == size:
       left, top = (width - size) // 2, (height - size) // 2
@@ -90,10 +106,34 @@ def decode_resized(data: bytes, size: int, *, rng: np.random.Generator | None = 
       box = ((width - side) / 2, (height - side) / 2, (width + side) / 2, (height + side) / 2)
     else:
       box = _random_box(width, height, rng, scale, ratio)
-    out = image.resize((size, size), Image.BILINEAR, box=box)
+    resample = Image.BICUBIC if mode == "clip" else Image.BILINEAR
+    out = image.resize((size, size), resample, box=box)
     if rng is not None and flip and rng.random() < 0.5:
       out = out.transpose(Image.FLIP_LEFT_RIGHT)
     return np.asarray(out, np.uint8)
+
+
+def clip_resize_crop(image: Image.Image, size: int) -> np.ndarray:
+  """RGB PIL image -> uint8 [size, size, 3], by transformers' CLIPImageProcessor rules (PIL
+  backend, size={"shortest_edge": size}, crop_size size x size).
+
+  The short side becomes `size` and the long side int(size * long / short)
+  (truncated, not rounded); PIL's BICUBIC resize of the whole image
+  (reducing_gap None: no reduce() shortcut; PIL antialiases a downscale by
+  widening the filter); an image already of that size is not resampled.  The
+  crop starts at (new - size) // 2 in each axis.  (torchvision's CenterCrop
+  rounds that offset instead, so the OpenAI / torchvision pipelines can differ
+  by one pixel row.)  No /255 or mean / std: the tower does those on device.
+  """
+  width, height = image.size
+  short, long = (width, height) if width <= height else (height, width)
+  new_long = int(size * long / short)
+  new_w, new_h = (size, new_long) if width <= height else (new_long, size)
+  if (new_w, new_h) != (width, height):
+    image = image.resize((new_w, new_h), resample=Image.BICUBIC)
+  pixels = np.asarray(image, np.uint8)
+  top, left = (new_h - size) // 2, (new_w - size) // 2
+  return np.ascontiguousarray(pixels[top:top + size, left:left + size])
 
 
 def _random_box(width: int, height: int, rng: np.random.Generator, scale, ratio):

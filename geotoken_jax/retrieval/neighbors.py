@@ -40,7 +40,6 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import jax
 import numpy as np
 from etils import epath
 
@@ -172,27 +171,28 @@ def index_split(query_store, gallery_store, output_dir, *, settings: Mapping[str
               "same_split": bool(same_split), "regime": regime,
               "settings": {**result_settings, "fields": list(fields)}}
   num_queries = query_store.num_records
-  manifest = None
-  if jax.process_index() == 0:
+  # Process 0 reads and writes; runtime.on_process_0 / fail_together raise its failures on every
+  # process, so none waits in a collective for a process that already raised.
+  writing = f"writing neighbour lists to {output_dir}"
+
+  def open_manifest():
     path = output_dir / MANIFEST
     if path.exists():
       manifest = json.loads(path.read_text())
-      if _comparable(manifest.get("identity")) != _comparable(json.loads(json.dumps(identity))):
-        if not overwrite:  # raised on every process below, so none waits in a collective
-          manifest = {"error": f"{output_dir} holds neighbours searched with other embeddings or settings; "
-                               "pass overwrite=True (--overwrite) or choose another output"}
-        else:
-          manifest = None
-    if manifest is None:
-      output_dir.mkdir(parents=True, exist_ok=True)
-      for name in ("indices", "scores"):
-        (output_dir / name).mkdir(exist_ok=True)
-      manifest = {"format": FORMAT, "version": VERSION, "identity": identity, "num_queries": num_queries,
-                  "k": k, "block_rows": block_rows, "blocks": [], "complete": False, "timings": []}
-      runtime.write_atomic(path, json.dumps(manifest, indent=1).encode())
-  manifest = runtime.broadcast_json(manifest)
-  if "error" in manifest:
-    raise ValueError(manifest["error"])
+      if _comparable(manifest.get("identity")) == _comparable(json.loads(json.dumps(identity))):
+        return manifest
+      if not overwrite:
+        raise ValueError(f"{output_dir} holds neighbours searched with other embeddings or settings; "
+                         "pass overwrite=True (--overwrite) or choose another output")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("indices", "scores"):
+      (output_dir / name).mkdir(exist_ok=True)
+    manifest = {"format": FORMAT, "version": VERSION, "identity": identity, "num_queries": num_queries,
+                "k": k, "block_rows": block_rows, "blocks": [], "complete": False, "timings": []}
+    runtime.write_atomic(path, json.dumps(manifest, indent=1).encode())
+    return manifest
+
+  manifest = runtime.broadcast_json(runtime.on_process_0(open_manifest, writing))
   if manifest["complete"]:
     manifest["stats"] = combine_stats([b["stats"] for b in manifest["blocks"]])
     return manifest
@@ -215,7 +215,8 @@ def index_split(query_store, gallery_store, output_dir, *, settings: Mapping[str
                                query_batch=int(settings["query_batch"]), dtype=str(settings["dtype"]),
                                margin=int(settings["margin"]), exclusion=exclusion, progress=progress)
     searched += rows.size
-    if jax.process_index() == 0:
+
+    def write_block(block=block, rows=rows, result=result):
       entry = {"rows": [int(rows[0]), int(rows[-1]) + 1], "stats": result.stats(),
                "files": {name: f"{name}/{block:05d}.npy" for name in ("indices", "scores")}}
       for name, array in (("indices", result.indices.astype(np.int64)), ("scores", result.scores.astype(np.float32))):
@@ -225,11 +226,16 @@ def index_split(query_store, gallery_store, output_dir, *, settings: Mapping[str
       if manifest["complete"]:
         manifest["stats"] = combine_stats([b["stats"] for b in manifest["blocks"]])
       runtime.write_atomic(output_dir / MANIFEST, json.dumps(manifest, indent=1).encode())
+
+    runtime.on_process_0(write_block, writing)
   seconds = time.perf_counter() - start_time
-  if jax.process_index() == 0:
+
+  def write_timings():
     manifest["timings"].append({"queries": searched, "seconds": seconds,
                                 "queries_per_second": searched / max(seconds, 1e-9)})
     runtime.write_atomic(output_dir / MANIFEST, json.dumps(manifest, indent=1).encode())
+
+  runtime.on_process_0(write_timings, writing)
   return runtime.broadcast_json(manifest)
 
 
