@@ -21,6 +21,17 @@ Variants: "" (the above), "fixture" (every stage at fixture size: a prepared geo
 as every split, a tiny random CLIP the test writes, a small random location encoder; what
 tests/test_recipe.py runs).
 
+Validation: an id-hashed 1% of MP16's train split (data.holdout by "id"), not configs/photos.py's
+held-out level-8 cells, for the aligner and the GeoToken model alike.  Validation should measure
+what the test measures: Im2GPS3k and YFCC4k photos are interleaved with MP16 (their places are
+all over the gallery), and the training lists carry no group rule (retrieval.group = ""), so a
+training photo's neighbours may come from its own cell too.  Whole held-out cells would hide
+every same-cell neighbour from validation queries only: a harder, other task than both training
+and test, and a poor signal for choosing checkpoints.  An id holdout interleaves validation
+photos with the gallery like the test sets; its lists are built as the test lists are
+(another split than the gallery: label-free, regime "test"; geotoken_jax.retrieval.exclusion).
+Both runs hold out the same photos, so the aligner never trained on a validation photo.
+
 Differences from the paper, on purpose: two features per photo, not three (the text-aligned
 head needs MP16-Pro's captions, which no builder here writes yet: model.text_dim = 0); the
 neighbour lists exclude duplicates explicitly instead of dropping rank 0.
@@ -55,6 +66,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   alignment.model = models.align_config("g3")
   alignment.model.text_dim = 0  # no captions: see the module docstring
   alignment.data.update(image_size=224, augment=False)
+  # Validation: an id-hashed (interleaved) holdout of MP16's train split, the same photos for the
+  # aligner and the GeoToken run (module docstring).
+  for run in (config, alignment):
+    run.data.holdout.update(by="id")
   alignment.batch_size = 4096  # InfoNCE wants large batches; the CLIP tower is frozen
   alignment.num_epochs = 1
   alignment.optim.update(learning_rate=3e-5, warmup_steps=500, weight_decay=0.0)

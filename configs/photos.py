@@ -7,7 +7,9 @@
 Variants:
   mp16    train on MP16 minus a held-out 1% (whole level-8 S2 cells), validate on
           that held-out slice, test on Im2GPS3k (evaluate --split yfcc4k:test for
-          YFCC4k); training drops MP16 photos that are Im2GPS3k / YFCC4k test photos
+          YFCC4k); training drops MP16 photos that are Im2GPS3k / YFCC4k test photos.
+          (configs/paper.py, the retrieval recipe, holds out by id instead: its
+          validation photos must sit among the gallery's like the test photos; see there)
   osv5m   train on OSV-5M train minus a held-out 1%, validate on it, test on OSV-5M test
   tiny    a seconds-long run for the tests: data set `geo_csv` with train / test splits,
           32 px images, a 1-layer ViT

@@ -107,7 +107,7 @@ def folder_source(config, workdir: str):
   import jax  # pylint: disable=g-import-not-at-top
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
 
-  from geotoken_jax import inference  # pylint: disable=g-import-not-at-top
+  from geotoken_jax import data, inference  # pylint: disable=g-import-not-at-top
   from geotoken_jax.data import folder_cache, tfds_source  # pylint: disable=g-import-not-at-top
 
   spec = inference.token_spec(config)
@@ -123,5 +123,6 @@ def folder_source(config, workdir: str):
     if jax.process_index() != 0:
       prepared = folder_cache.prepare_folder(CSV.value, IMAGE_DIR.value, cache_root, **options)
   source = tfds_source.TfdsSource(tfds_source.dataset_dir(prepared.data_dir, prepared.dataset), prepared.split,
-                                  spec, image_size=config.data.get("image_size", 224))
+                                  spec, image_size=config.data.get("image_size", 224),
+                                  resize=data.image_resize_mode(config))
   return source, f"csv-{epath.Path(CSV.value).stem}"

@@ -2,14 +2,16 @@
 
   write_embeddings   a source's records through `embed_fn` (sharded over a mesh,
                      every process in step), stored as .npy shards; resumable
-  open_embeddings    the stored arrays, memory-mapped shard by shard (what
-                     retrieval reads its gallery from)
+  open_embeddings    the stored arrays, memory-mapped shard by shard, or read by
+                     byte ranges from gs:// (what retrieval reads its gallery from)
 
 Layout of an output directory (local or gs://, written through etils.epath):
 
   manifest.json            format version, settings, fields and their dims, the
                            shards (row ranges, files, sha256), non-finite counts,
-                           the caller's model identity (`extra`), timings
+                           the caller's model identity (`extra`: inference.run_embedding
+                           records the aligner's workdir, step and parameter checksum,
+                           aligner_identity), timings
   <name>/<shard:05d>.npy   rows [shard * shard_rows, (shard + 1) * shard_rows) of
                            one array, np.save format (np.load(mmap_mode="r")):
     <field>                an embedding, float16 or float32 [n, dim]
@@ -66,6 +68,44 @@ _NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 class SettingsMismatchError(ValueError):
   """An output directory holds embeddings written with other settings."""
+
+
+# ---------------------------------------------------------------------------
+# The writer's identity.
+
+# What a store records of the model that wrote it (inference.run_embedding's manifest_extra,
+# from RestoredModel.identity()): its workdir, checkpoint step and a digest of its parameters.
+ALIGNER_KEYS = ("workdir", "step", "params")
+# What decides whether a store is stale: the aligner's content, not its folder (a moved or
+# copied workdir, e.g. to gs://, holds the same aligner).
+ALIGNER_CONTENT_KEYS = ("step", "params")
+
+
+def aligner_identity(manifest: Mapping[str, Any]) -> dict:
+  """{"workdir", "step", "params"} of the aligner a store's manifest records (None where it
+  records none: "params" is missing from stores written before parameter checksums)."""
+  extra = manifest.get("extra") or {}
+  return {key: extra.get(key) for key in ALIGNER_KEYS}
+
+
+def aligner_differences(stored: Mapping[str, Any], current: Mapping[str, Any],
+                        keys: Sequence[str] = ALIGNER_KEYS) -> list[str]:
+  """Each of `keys` whose values differ, as "KEY: STORED -> CURRENT" (a value the store does not
+  record differs from any; workdirs compare as absolute paths)."""
+  out = []
+  for key in keys:
+    old, new = stored.get(key), current.get(key)
+    if key == "workdir" and old is not None and new is not None:
+      old, new = _normal_path(old), _normal_path(new)
+    if old is None or old != new:
+      out.append(f"{key}: {'(not recorded)' if stored.get(key) is None else repr(stored.get(key))} -> "
+                 f"{current.get(key)!r}")
+  return out
+
+
+def _normal_path(path) -> str:
+  path = str(path)
+  return path if "://" in path else os.path.normpath(os.path.abspath(path))
 
 
 # ---------------------------------------------------------------------------
@@ -377,11 +417,266 @@ def _write_shard(output_dir: epath.Path, manifest: dict, shard: int, first: int,
 # Reading.
 
 
-def _load_npy(path: epath.Path) -> np.ndarray:
-  """A local file memory-mapped; a remote one (gs://...) read into memory."""
-  if "://" in str(path):
-    return np.load(io.BytesIO(path.read_bytes()), allow_pickle=False)
-  return np.load(os.fspath(path), mmap_mode="r", allow_pickle=False)
+# Remote files (gs://, any fsspec URL) are never downloaded whole for a gather: a shard's .npy
+# header is read once (its first bytes give the data offset, dtype and shape), then only the
+# byte ranges of the rows asked for, nearby rows coalesced into one range (gaps of up to
+# RANGE_GAP_BYTES), every range of one read issued in one fsspec cat_ranges call (concurrent
+# requests on gcsfs).  A contiguous read (a slice, a full scan) is one range per shard.  Only
+# the headers are kept, so a read costs the bytes of its rows plus the coalesced gaps whatever
+# the shard size.  Local files are memory-mapped.
+
+RANGE_GAP_BYTES = 1 << 16  # a gap up to this is read through rather than split into two requests
+_HEADER_BYTES = 256  # the first read of a remote file: holds this module's .npy headers (128 bytes)
+
+
+def is_remote(path) -> bool:
+  return "://" in str(path)
+
+
+def _fsspec_of(path) -> tuple[Any, str] | None:
+  """(fsspec filesystem, its path) of a remote URL; None where fsspec cannot serve it (then
+  epath's open + seek + read is used)."""
+  try:
+    import fsspec  # pylint: disable=g-import-not-at-top
+    return fsspec.core.url_to_fs(str(path))
+  except (ImportError, ValueError):
+    return None
+
+
+class _RangeReader:
+  """Byte ranges of remote files, batched per filesystem."""
+
+  def __init__(self):
+    self._requests: list[tuple[Any, epath.Path, int, int, bool]] = []
+
+  def add(self, handle, path: epath.Path, start: int, stop: int, *, exact: bool = True) -> int:
+    """Queues bytes [start, stop) of `path` (handle: its _fsspec_of); exact=False allows a shorter
+    file."""
+    self._requests.append((handle, path, int(start), int(stop), exact))
+    return len(self._requests) - 1
+
+  @property
+  def pending(self) -> int:
+    return len(self._requests)
+
+  def run(self) -> list[bytes]:
+    out: list[bytes | None] = [None] * len(self._requests)
+    groups: dict[int, list[int]] = {}
+    for i, (handle, *_) in enumerate(self._requests):
+      groups.setdefault(id(handle[0]) if handle is not None else 0, []).append(i)
+    for members in groups.values():
+      handle = self._requests[members[0]][0]
+      if handle is not None:
+        fs = handle[0]
+        paths = [self._requests[i][0][1] for i in members]
+        got = fs.cat_ranges(paths, [self._requests[i][2] for i in members], [self._requests[i][3] for i in members],
+                            on_error="raise")
+      else:
+        got = []
+        for i in members:
+          _, path, start, stop, _ = self._requests[i]
+          with path.open("rb") as f:
+            f.seek(start)
+            got.append(f.read(stop - start))
+      for i, payload in zip(members, got):
+        if isinstance(payload, BaseException):
+          raise payload
+        _, path, start, stop, exact = self._requests[i]
+        if exact and len(payload) != stop - start:
+          raise OSError(f"{path}: read {len(payload)} bytes of [{start}, {stop}): the file is shorter than "
+                        "its header says (truncated or replaced?)")
+        out[i] = bytes(payload)
+    self._requests = []
+    return out  # type: ignore[return-value]
+
+
+def _parse_npy_header(prefix: bytes, path) -> tuple[int, int]:
+  """(header length, bytes needed) from the first bytes of a .npy file."""
+  if prefix[:6] != b"\x93NUMPY" or len(prefix) < 10:
+    raise ValueError(f"{path} is not a .npy file")
+  major = prefix[6]
+  if major == 1:
+    return 10, 10 + int.from_bytes(prefix[8:10], "little")
+  if major in (2, 3) and len(prefix) >= 12:
+    return 12, 12 + int.from_bytes(prefix[8:12], "little")
+  raise ValueError(f"{path}: unsupported .npy version {major}")
+
+
+def cached_copy(path, cache_dir, sha256: str) -> str:
+  """A local copy of remote file `path` in `cache_dir`, named by its sha256 (so a replaced file
+  is never mistaken for its copy): downloaded whole and checked the first time, reused after."""
+  target = os.path.join(os.fspath(cache_dir), f"{sha256}.npy")
+  if os.path.exists(target):
+    return target
+  payload = epath.Path(path).read_bytes()
+  if hashlib.sha256(payload).hexdigest() != sha256:
+    raise ValueError(f"{path} does not match its sha256 in the manifest (corrupted or replaced)")
+  os.makedirs(os.fspath(cache_dir), exist_ok=True)
+  temporary = f"{target}.{os.getpid()}.{time.time_ns()}.tmp"
+  with open(temporary, "wb") as f:
+    f.write(payload)
+  os.replace(temporary, target)
+  return target
+
+
+class NpyRows:
+  """The rows of one .npy file (C order, no objects): memory-mapped when local, read by byte
+  ranges when remote, or -- given a cache_dir and the file's sha256 -- downloaded once into the
+  cache and memory-mapped there (for files read whole many times).  `[a:b]` reads a contiguous
+  block; `take(rows)` gathers; `array()` is the whole file (the memmap itself when local)."""
+
+  def __init__(self, path, *, cache_dir=None, sha256: str | None = None):
+    self.path = epath.Path(path)
+    self.remote = is_remote(self.path)
+    self._cache = (None if cache_dir is None else os.fspath(cache_dir), sha256)
+    local = os.fspath(self.path) if not self.remote else None
+    if self.remote and cache_dir is not None and sha256:
+      local, self.remote = cached_copy(self.path, cache_dir, sha256), False
+    if not self.remote:
+      self._mmap = np.load(local, mmap_mode="r", allow_pickle=False)
+      self.offset, self.dtype, self.shape = int(self._mmap.offset), self._mmap.dtype, tuple(self._mmap.shape)
+    else:
+      self._mmap = None
+      self._handle = _fsspec_of(self.path)
+      reader = _RangeReader()
+      reader.add(self._handle, self.path, 0, _HEADER_BYTES, exact=False)
+      prefix = reader.run()[0]
+      _, end = _parse_npy_header(prefix, self.path)
+      if len(prefix) < end:
+        reader.add(self._handle, self.path, len(prefix), end)
+        prefix += reader.run()[0]
+      header = io.BytesIO(prefix[:end])
+      version = np.lib.format.read_magic(header)
+      read_header = np.lib.format.read_array_header_1_0 if version[0] == 1 else np.lib.format.read_array_header_2_0
+      shape, fortran, dtype = read_header(header)
+      if fortran or dtype.hasobject or not shape:
+        raise ValueError(f"{self.path}: a C-order array of rows without objects is expected, got "
+                         f"{dtype} {shape}{' (Fortran order)' if fortran else ''}")
+      self.offset, self.dtype, self.shape = end, np.dtype(dtype), tuple(int(s) for s in shape)
+    self.row_bytes = self.dtype.itemsize * math.prod(self.shape[1:])
+
+  def __getstate__(self) -> dict:
+    return {"path": str(self.path), "cache_dir": self._cache[0], "sha256": self._cache[1]}
+
+  def __setstate__(self, state: dict) -> None:
+    self.__init__(state["path"], cache_dir=state["cache_dir"], sha256=state["sha256"])
+
+  @property
+  def ndim(self) -> int:
+    return len(self.shape)
+
+  def __len__(self) -> int:
+    return self.shape[0]
+
+  def _rows(self, payload: bytes, count: int) -> np.ndarray:
+    return np.frombuffer(payload, self.dtype, count=count * math.prod(self.shape[1:])).reshape(
+        (count,) + self.shape[1:])
+
+  def array(self) -> np.ndarray:
+    return self._mmap if self._mmap is not None else self.read(0, len(self))
+
+  def read(self, start: int, stop: int) -> np.ndarray:
+    """Rows [start, stop) (clipped to the file)."""
+    start, stop = max(0, int(start)), min(len(self), int(stop))
+    stop = max(start, stop)
+    if self._mmap is not None:
+      return self._mmap[start:stop]
+    if stop == start:
+      return np.zeros((0,) + self.shape[1:], self.dtype)
+    reader = _RangeReader()
+    finish = self.plan(np.arange(start, stop), reader)
+    return finish(reader.run())
+
+  def plan(self, rows: np.ndarray, reader: _RangeReader):
+    """Queues the ranges of sorted unique local `rows` [m]; returns finish(payloads) -> [m, ...]."""
+    breaks = np.flatnonzero((np.diff(rows) - 1) * self.row_bytes > RANGE_GAP_BYTES) + 1
+    runs = np.split(rows, breaks)
+    slots = [reader.add(self._handle, self.path, self.offset + int(run[0]) * self.row_bytes,
+                        self.offset + (int(run[-1]) + 1) * self.row_bytes) for run in runs]
+
+    def finish(payloads: list[bytes]) -> np.ndarray:
+      parts = []
+      for slot, run in zip(slots, runs):
+        block = self._rows(payloads[slot], int(run[-1] - run[0]) + 1)
+        parts.append(block if len(run) == len(block) else block[run - run[0]])  # sorted unique: all or some
+      return np.concatenate(parts) if len(parts) > 1 else parts[0]
+    return finish
+
+  def take(self, rows) -> np.ndarray:
+    """Rows at local `rows` (any shape of integers in [0, len)) -> [*rows.shape, ...]."""
+    rows = np.asarray(rows, np.int64)
+    if self._mmap is not None:
+      return np.asarray(self._mmap[rows.reshape(-1)]).reshape(rows.shape + self.shape[1:])
+    unique, inverse = np.unique(rows.reshape(-1), return_inverse=True)
+    if not unique.size:
+      return np.zeros(rows.shape + self.shape[1:], self.dtype)
+    reader = _RangeReader()
+    finish = self.plan(unique, reader)
+    return finish(reader.run())[inverse].reshape(rows.shape + self.shape[1:])
+
+  def __getitem__(self, key) -> np.ndarray:
+    if isinstance(key, slice):
+      start, stop, step = key.indices(len(self))
+      return self.read(start, stop) if step == 1 else self.take(np.arange(start, stop, step))
+    if isinstance(key, (int, np.integer)):
+      return self.take(np.asarray([key]))[0]
+    return self.take(key)
+
+
+def gather_rows(files: Callable[[int], NpyRows], starts: np.ndarray, indices) -> np.ndarray:
+  """Rows at global `indices` (any shape, in range) of a row split over files (file n holds rows
+  [starts[n], starts[n + 1])): memmap gathers locally; for remote files every range of every
+  file read in one batch."""
+  indices = np.asarray(indices)
+  flat = indices.reshape(-1).astype(np.int64)
+  shard_of = np.searchsorted(starts, flat, side="right") - 1
+  numbers = [int(n) for n in np.unique(shard_of)]
+  if not numbers:
+    first = files(0)
+    return np.zeros(indices.shape + first.shape[1:], first.dtype)
+  opened = {n: files(n) for n in numbers}
+  dtype = np.result_type(*[f.dtype for f in opened.values()])  # unicode ids: the widest shard
+  tail = next(iter(opened.values())).shape[1:]
+  out = np.empty((flat.size,) + tail, dtype)
+  reader, pending = _RangeReader(), []
+  for n, file in opened.items():
+    chosen = np.flatnonzero(shard_of == n)
+    local = flat[chosen] - starts[n]
+    if not file.remote:
+      out[chosen] = file.take(local)
+      continue
+    unique, inverse = np.unique(local, return_inverse=True)
+    pending.append((chosen, inverse, file.plan(unique, reader)))
+  if pending:
+    payloads = reader.run()
+    for chosen, inverse, finish in pending:
+      out[chosen] = finish(payloads)[inverse]
+  return out.reshape(indices.shape + tail)
+
+
+def read_rows(files: Callable[[int], NpyRows], starts: np.ndarray, num_rows: int, start: int,
+              stop: int) -> np.ndarray:
+  """Rows [start, stop) of a row split over files: one range per file touched (remote ones read
+  in one batch)."""
+  start, stop = max(0, int(start)), min(int(num_rows), int(stop))
+  if stop <= start:
+    first = files(0)
+    return np.zeros((0,) + first.shape[1:], first.dtype)
+  ends = list(starts[1:]) + [num_rows]
+  first = int(np.searchsorted(starts, start, side="right")) - 1
+  last = int(np.searchsorted(starts, stop - 1, side="right")) - 1
+  reader, parts = _RangeReader(), []
+  for n in range(first, last + 1):
+    file, lo = files(n), int(starts[n])
+    a, b = max(start, lo) - lo, min(stop, int(ends[n])) - lo
+    parts.append(file.read(a, b) if not file.remote else file.plan(np.arange(a, b), reader))
+  if reader.pending:
+    payloads = reader.run()
+    parts = [p(payloads) if callable(p) else p for p in parts]
+  if len(parts) == 1:
+    return parts[0]
+  dtype = np.result_type(*[p.dtype for p in parts])
+  return np.concatenate([np.asarray(p, dtype) for p in parts])
 
 
 class Embeddings:
@@ -401,7 +696,15 @@ class Embeddings:
     self.dims = {k: int(v["dim"]) for k, v in manifest["fields"].items()}
     self.columns = dict(manifest["columns"])
     self._starts = np.asarray([s["rows"][0] for s in manifest["shards"]], np.int64)
-    self._cache: dict[tuple[str, int], np.ndarray] = {}
+    self._files: dict[tuple[str, int], NpyRows] = {}  # opened shards (headers / memmaps)
+
+  # Pickled (e.g. into grain worker processes) as its directory and manifest: the shards are
+  # memory-mapped again, lazily, where it is unpickled (a memmap pickles its whole contents).
+  def __getstate__(self) -> dict:
+    return {"directory": str(self.directory), "manifest": self.manifest}
+
+  def __setstate__(self, state: dict) -> None:
+    self.__init__(epath.Path(state["directory"]), state["manifest"])
 
   def __repr__(self) -> str:
     return f"Embeddings({str(self.directory)!r}, records={self.num_records}, dims={self.dims})"
@@ -411,28 +714,34 @@ class Embeddings:
       raise KeyError(f"{self.directory} has no array {name!r}; fields {list(self.fields)}, "
                      f"columns {list(self.columns)}")
 
-  def _shard(self, name: str, number: int) -> np.ndarray:
+  def _file(self, name: str, number: int) -> NpyRows:
+    """Shard `number` of array `name`, opened (a memmap, or a remote file's header) and checked
+    against the manifest; kept (headers and memmaps only, never rows)."""
     key = (name, number)
-    if key in self._cache:
-      return self._cache[key]
+    if key in self._files:
+      return self._files[key]
     shard = self.manifest["shards"][number]
     path = self.directory / shard["files"][name]["path"]
-    array = _load_npy(path)
+    file = NpyRows(path)
     rows = shard["rows"][1] - shard["rows"][0]
     if name in self.dims:
       expected = ((rows, self.dims[name]), np.dtype(self.manifest["fields"][name]["dtype"]))
-      ok = (array.shape, array.dtype) == expected
+      ok = (file.shape, file.dtype) == expected
     else:
-      ok = array.shape[0] == rows
+      ok = file.shape[0] == rows
     if not ok:
-      raise ValueError(f"{path} holds {array.dtype} {array.shape}, the manifest says {rows} rows"
+      raise ValueError(f"{path} holds {file.dtype} {file.shape}, the manifest says {rows} rows"
                        + (f" of {expected[1]} [{self.dims[name]}]" if name in self.dims else ""))
-    if isinstance(array, np.memmap):
-      self._cache[key] = array  # remote shards are not kept in memory
-    return array
+    self._files[key] = file
+    return file
+
+  def _shard(self, name: str, number: int) -> np.ndarray:
+    """Shard `number`'s whole array: the memmap (local) or its bytes read (remote)."""
+    return self._file(name, number).array()
 
   def shards(self, name: str) -> Iterator[tuple[int, np.ndarray]]:
-    """(first row, array) of every shard in order: for chunked readers (memory-mapped locally)."""
+    """(first row, array) of every shard in order: for chunked readers (memory-mapped locally,
+    one ranged read per shard remotely)."""
     self._check_name(name)
     for number, first in enumerate(self._starts):
       yield int(first), self._shard(name, number)
@@ -442,8 +751,14 @@ class Embeddings:
     parts = [array for _, array in self.shards(name)]
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
+  def read(self, name: str, start: int, stop: int) -> np.ndarray:
+    """Records [start, stop) (clipped to the store) of array `name`: one contiguous read per shard."""
+    self._check_name(name)
+    return read_rows(functools.partial(self._file, name), self._starts, self.num_records, start, stop)
+
   def rows(self, name: str, indices) -> np.ndarray:
-    """The arrays of records `indices` (any shape of row numbers in [0, num_records))."""
+    """The arrays of records `indices` (any shape of row numbers in [0, num_records)).  Remote
+    shards: only the rows' byte ranges are read (module docstring), all in one batch."""
     self._check_name(name)
     indices = np.asarray(indices)
     if indices.size and indices.dtype.kind not in "iu":
@@ -452,19 +767,8 @@ class Embeddings:
     bad = (flat < 0) | (flat >= self.num_records)
     if bad.any():
       raise IndexError(f"rows {flat[bad][:10].tolist()} outside [0, {self.num_records})")
-    shard_of = np.searchsorted(self._starts, flat, side="right") - 1
-    numbers = np.unique(shard_of)
-    arrays = {int(n): self._shard(name, int(n)) for n in numbers}
-    if not arrays:
-      first = self._shard(name, 0)
-      return np.zeros(indices.shape + first.shape[1:], first.dtype)
-    dtype = np.result_type(*[a.dtype for a in arrays.values()])  # unicode ids: the widest shard
-    some = next(iter(arrays.values()))
-    out = np.empty((flat.size,) + some.shape[1:], dtype)
-    for n, array in arrays.items():
-      chosen = shard_of == n
-      out[chosen] = array[flat[chosen] - self._starts[n]]
-    return out.reshape(indices.shape + some.shape[1:])
+    out = gather_rows(functools.partial(self._file, name), self._starts, flat)
+    return out.reshape(indices.shape + out.shape[1:])
 
   @property
   def latlng(self) -> np.ndarray:

@@ -9,9 +9,12 @@ prediction files), all under one workdir W:
   1. align     the alignment model (config.recipe.alignment, a full training
                config) trained in W/<retrieval.alignment_workdir>
   2. embed     every split in config.recipe.splits embedded by it into
-               W/<retrieval.embeddings>/<split>/
+               W/<retrieval.embeddings>/<split>/; a store is kept only if this
+               aligner wrote it (workdir, step, parameter checksum: embed_action),
+               else re-embedded (a retrained aligner leaves no stale store)
   3. index     each split searched in the gallery split (self and duplicates
-               excluded) into W/<retrieval.neighbors>/<split>/
+               excluded) into W/<retrieval.neighbors>/<split>/; lists searched in
+               other stores or with other settings than the config's are rebuilt
   4. train     the retrieval-augmented GeoToken (config itself) in W
   5. evaluate  its strategies and the kNN rows on the test split; with
                recipe.baseline_workdir, that run's rows beside them in one table
@@ -41,13 +44,42 @@ def _log(message: str) -> None:
     print(f"[recipe] {message}", flush=True)
 
 
-def _complete_store(directory, num_records: int) -> bool:
-  """A finished embedding store of this many records (a changed aligner is caught later: the
-  index and the neighbour join compare the stores' checksums)."""
+def embed_action(directory, *, num_records: int, aligner: dict, dtype: str) -> tuple[str, str]:
+  """What the embed stage does with a split's store, and why (for the log):
+
+    "skip"       complete, written by this aligner (step and parameter checksum, not its folder:
+                 embeddings.aligner_identity against RestoredModel.identity()), with this many
+                 records, in this dtype
+    "resume"     the same, but incomplete (an interrupted run): its missing shards are written
+    "overwrite"  anything else a store holds: a retrained aligner's embeddings are stale even
+                 when the record count matches, and so is a store of another split size or dtype
+    "embed"      no store yet
+  """
+  path = epath.Path(directory) / embeddings.MANIFEST
+  if not path.exists():
+    return "embed", "no store yet"
   try:
-    return embeddings.open_embeddings(directory).num_records == num_records
-  except (FileNotFoundError, ValueError):
-    return False
+    manifest = json.loads(path.read_text())
+  except (OSError, ValueError) as e:
+    return "overwrite", f"its manifest cannot be read ({type(e).__name__}: {e})"
+  if manifest.get("format") != embeddings.FORMAT or manifest.get("version") != embeddings.VERSION:
+    return "overwrite", f"not a {embeddings.FORMAT} version {embeddings.VERSION} store"
+  stale = embeddings.aligner_differences(embeddings.aligner_identity(manifest), aligner,
+                                         keys=embeddings.ALIGNER_CONTENT_KEYS)
+  if stale:
+    return "overwrite", "written by another aligner (" + "; ".join(stale) + ")"
+  settings = manifest.get("settings") or {}
+  if settings.get("num_records") != num_records:
+    return "overwrite", f"it holds {settings.get('num_records')} records, the split has {num_records}"
+  if settings.get("dtype") != dtype:
+    return "overwrite", f"it is {settings.get('dtype')}, the recipe asks for {dtype}"
+  if not manifest.get("complete"):
+    return "resume", "incomplete: writing its missing shards"
+  try:
+    embeddings.open_embeddings(directory)
+  except (FileNotFoundError, ValueError) as e:
+    return "resume", f"shard files are missing ({e})"
+  return "skip", f"written by this aligner (step {aligner.get('step')}, parameters {aligner.get('params')})"
 
 
 def _timed(timings: dict, name: str, fn):
@@ -77,28 +109,44 @@ def run_recipe(config: ml_collections.ConfigDict, workdir) -> dict:
   # 2. Embeddings of every split (the gallery first).
   # The records are this config's (its data block, limits included), so rows match the
   # sources the GeoToken run reads.
+  # A store is kept only when the aligner as it is now wrote it (embed_action): a retrained
+  # aligner (a new step or other parameters) re-embeds every split, and the index stage then
+  # rebuilds the lists searched in the old stores.
   spec = inference.token_spec(config)
   splits = list(dict.fromkeys([str(config.retrieval.gallery), *recipe.splits]))
+  dtype = str(recipe.get("embedding_dtype", "float16"))
+  aligner = inference.restore_model(str(align_dir))
+  identity = aligner.identity()
+  refreshed = []
   for split in splits:
     output = sources.embeddings_dir(config, workdir, split)
-    if _complete_store(output, len(data.get_source(config.data, split, spec))):
-      _log(f"embed: {split} done ({output})")
+    source = data.get_source(config.data, split, spec, resize=data.image_resize_mode(recipe.alignment))
+    action, why = embed_action(output, num_records=len(source), aligner=identity, dtype=dtype)
+    if action == "skip":
+      _log(f"embed: {split} done ({output}: {why})")
       continue
-    _log(f"embed: {split} -> {output}")
+    _log(f"embed: {split} -> {output} ({'re-embedding: ' if action == 'overwrite' else ''}{why})")
+    if action == "overwrite":
+      refreshed.append(split)
     _timed(timings, f"embed_{split}", lambda: inference.run_embedding(  # noqa: B023
-        align_dir, output, source=data.get_source(config.data, split, spec), split_label=split,  # noqa: B023
-        dtype=str(recipe.get("embedding_dtype", "float16")), batch_size=int(recipe.get("embed_batch_size", 256))))
+        align_dir, output, split_label=split, source=source, dtype=dtype, restored=aligner,  # noqa: B023
+        overwrite=action == "overwrite", batch_size=int(recipe.get("embed_batch_size", 256))))  # noqa: B023
+  aligner = None  # its parameters leave the devices before the GeoToken model trains
 
-  # 3. Neighbour lists: each split in the gallery.
+  # 3. Neighbour lists: each split in the gallery.  Lists searched in other stores (re-embedded
+  # above) or with other settings than the config's are rebuilt (the index job says which).
   _log(f"index: {', '.join(splits)} in {config.retrieval.gallery}")
   manifests = _timed(timings, "index", lambda: neighbors.run_index(
       sources.resolve(workdir, config.retrieval.embeddings), sources.resolve(workdir, config.retrieval.neighbors),
       gallery=str(config.retrieval.gallery), queries=splits,
-      settings=neighbors.settings_from_config(config.retrieval)))
+      settings=neighbors.settings_from_config(config.retrieval), overwrite=True))
   index_stats = {split: m.get("stats", {}) for split, m in manifests.items()}
   _log("index statistics: " + json.dumps(index_stats))
 
   # 4. The retrieval-augmented GeoToken.
+  if refreshed and ((workdir / "results.json").exists() or (workdir / "checkpoints").exists()):
+    _log(f"warning: {', '.join(refreshed)} re-embedded, but {workdir} holds a GeoToken model trained on the "
+         "previous embeddings: delete its checkpoints/ and results.json to train it on the new ones")
   if (workdir / "results.json").exists():
     _log(f"train: done ({workdir})")
   else:

@@ -401,11 +401,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
 
-  # A retrieval run's examples carry their neighbours (read from the gallery once).
-  gallery = (retrieval_sources.load_neighbor_gallery(config, workdir, spec) if retrieval_sources.enabled(config)
-             else None)
-  if gallery is not None:
+  # A retrieval run's examples carry their neighbours (read from the gallery once).  Every store
+  # and list set it reads (train, validation, test) is checked now, before the first step, not
+  # when training ends: present and complete, one aligner (sources.check_inputs), searched with
+  # the config's settings in the stores as they are (as each split's source is built).
+  gallery, eval_sources = None, {}
+  if retrieval_sources.enabled(config):
+    eval_splits = tuple(dict.fromkeys(("validation", str(config.test_split))))
+    retrieval_sources.check_inputs(config, workdir, ("train", *eval_splits))
+    gallery = retrieval_sources.load_neighbor_gallery(config, workdir, spec)
     retrieval_sources.check_model(config, gallery)
+    eval_sources = {split: retrieval_sources.get_source(config, workdir, split, spec, gallery=gallery)
+                    for split in eval_splits}
   train_source = retrieval_sources.get_source(config, workdir, "train", spec, seed=config.seed, gallery=gallery)
   steps_per_epoch = max(len(train_source) // config.batch_size, 1)
   total_steps = config.num_steps or config.num_epochs * steps_per_epoch
@@ -439,7 +446,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
   def run_eval(split: str, params, refresh: bool = True) -> dict:
     if refresh:  # an alignment model's gallery, embedded with these parameters
       predictor.refresh_gallery(params)
-    source = retrieval_sources.get_source(config, workdir, split, spec, gallery=gallery)
+    source = (eval_sources[split] if split in eval_sources
+              else retrieval_sources.get_source(config, workdir, split, spec, gallery=gallery))
     return inference.validation_metrics(predictor, source, global_batch_size=config.eval_batch_size,
                                         strategy_name=validation_strategy(config), params=params)
 

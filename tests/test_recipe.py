@@ -6,15 +6,18 @@ and searched inside inference)."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import importlib.util
 import json
 import os
+import shutil
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
 
-from geotoken_jax import data, inference, recipe
+from geotoken_jax import data, embeddings, inference, recipe
 from geotoken_jax.data import earth, tfds_builders
 from geotoken_jax.retrieval import neighbors, sources
 
@@ -100,6 +103,8 @@ def test_a_rerun_skips_every_finished_stage(recipe_run):
   config, workdir, out, _, _ = recipe_run
   again = recipe.run_recipe(config, str(workdir))
   assert "align" not in again["timings"] and "train" not in again["timings"]
+  # The stores were written by the aligner as it is (workdir, step, parameter checksum): kept.
+  assert not [name for name in again["timings"] if name.startswith("embed_")]
   assert again["results"] == out["results"]
 
 
@@ -114,7 +119,8 @@ def test_the_retrieval_model_predicts_on_a_folder_of_new_images(recipe_run):
   # inside inference.
   online = inference.OnlineRetrieval(config, str(workdir), restored.spec, restored.mesh)
   batch = sources.get_source(config, str(workdir), "test", restored.spec).get_batch(np.arange(8))
-  images = data.get_source(config.data, "test", restored.spec).get_batch(np.arange(8))["image"]
+  images = data.get_source(config.data, "test", restored.spec,  # the aligner's (CLIP) resize mode
+                           resize=data.image_resize_mode(config)).get_batch(np.arange(8))["image"]
   lists = neighbors.open_neighbors(sources.neighbors_dir(config, workdir, "test"))
   found = online({"image": images, "index": np.arange(8, dtype=np.int32)})
   np.testing.assert_array_equal(found["neighbor_tokens"], batch["neighbor_tokens"])
@@ -129,3 +135,46 @@ def test_the_retrieval_model_predicts_on_a_folder_of_new_images(recipe_run):
     again = strict({"image": images, "index": np.arange(8, dtype=np.int32), "latlng": latlng})
     for field in ("neighbor_tokens", "neighbor_scores"):
       np.testing.assert_array_equal(again[field], found[field])
+
+
+def test_a_retrained_aligner_re_embeds_every_store_and_rebuilds_the_lists(recipe_run, tmp_path, monkeypatch, capsys):
+  """Same record counts, other parameters: every store is re-embedded (the log says why), the
+  lists are rebuilt in the new stores, and online retrieval refuses the old aligner against them."""
+  config, workdir, _, _, _ = recipe_run
+  run = tmp_path / "run"
+  shutil.copytree(workdir, run)  # the fixture's workdir stays as it is for the other tests
+  for split in ("train", "validation", "test"):  # as if embedded here (a moved aligner re-embeds too)
+    path = sources.embeddings_dir(config, run, split) / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["extra"]["workdir"] = str(sources.alignment_workdir(config, run))
+    path.write_text(json.dumps(manifest))
+  before = {}
+  for split in ("train", "validation", "test"):
+    old = embeddings.open_embeddings(sources.embeddings_dir(config, run, split))
+    before[split] = (old.num_records, embeddings.aligner_identity(old.manifest)["params"], np.array(old.field("image")))
+  restore_model = inference.restore_model
+  retrained = {}
+
+  def restore_retrained(path, **kwargs):  # the aligner as if trained further: every parameter moved
+    model = restore_model(path, **kwargs)
+    model = dataclasses.replace(model, params=jax.tree.map(lambda x: x * 1.01, model.params))
+    retrained.update(model.identity())
+    return model
+
+  monkeypatch.setattr(recipe.inference, "restore_model", restore_retrained)
+  out = recipe.run_recipe(config, str(run))
+  log = capsys.readouterr().out
+  assert {"embed_train", "embed_validation", "embed_test"} <= set(out["timings"])
+  assert "re-embedding: written by another aligner (params: " in log and "holds a GeoToken model" in log
+  for split, (records, params, image) in before.items():
+    store = embeddings.open_embeddings(sources.embeddings_dir(config, run, split))
+    assert store.num_records == records  # the same count: a count check alone would have kept it
+    assert embeddings.aligner_identity(store.manifest)["params"] == retrained["params"] != params
+    assert not np.array_equal(store.field("image"), image)
+    lists = neighbors.open_neighbors(sources.neighbors_dir(config, run, split))
+    assert lists.query_identity["checksum"] == neighbors.store_identity(store)["checksum"]
+  assert log.count("rebuilding the lists") == 3
+  # The unchanged aligner (restored by online retrieval itself) against the new gallery: refused.
+  restored = restore_model(str(run))
+  with pytest.raises(sources.AlignerMismatchError, match="params: "):
+    inference.OnlineRetrieval(config, str(run), restored.spec, restored.mesh)

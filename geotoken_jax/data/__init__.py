@@ -10,6 +10,9 @@
               training leak filter (`subsets`).
 `training_tokens`  every training record's tokens without decoding an image
               (what the decoding trie is built from).
+`image_resize_mode`  how a run's images are decoded and resized: "clip" (exactly
+              CLIP's own preprocessing) when the images feed a CLIP tower, else
+              "default"; data.resize overrides it.
 `Source`      the protocol every source satisfies (`source`).
 """
 
@@ -18,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from geotoken_jax import s2
-from geotoken_jax.data import earth, subsets, tfds_source
+from geotoken_jax.data import earth, images, subsets, tfds_source
 from geotoken_jax.data.earth import (
     SPLITS,
     EarthSource,
@@ -57,6 +60,55 @@ def resolve_split(data_config, split: str) -> tuple[str, str]:
   return parts[0], ":".join(parts[1:])
 
 
+RESIZE_SETTINGS = ("auto",) + images.RESIZE_MODES
+
+
+def _resize_setting(data_config) -> str:
+  value = str((data_config or {}).get("resize", None) or "auto")
+  if value not in RESIZE_SETTINGS:
+    raise ValueError(f"data.resize must be one of {RESIZE_SETTINGS}, got {value!r}")
+  return value
+
+
+def _image_tower(model_config) -> str:
+  """The kind of network that reads the images: "clip", "vit" or "features" (none)."""
+  if model_config is None:
+    return ""
+  if model_config.get("architecture", "geotoken") == "align":
+    return str(model_config.get("image_tower", ""))
+  return str(model_config.get("encoder", ""))
+
+
+def image_resize_mode(config) -> str:
+  """How a run's images are decoded and resized (data.images.RESIZE_MODES), derived here
+  only: every source a run's images are read from (training, evaluation, embedding,
+  labelled folders, image files) takes it.
+
+  config.data.resize "default" or "clip" is used as is.  "auto" (or absent) is
+  "clip" when the images feed a CLIP tower: model.encoder "clip", an alignment
+  model (model.architecture "align") with image_tower "clip", or a model that
+  reads neighbour features (encoder "features") whose recipe's alignment model
+  (recipe.alignment) has a CLIP image tower; else "default".  "clip" decodes
+  exactly as transformers' CLIPImageProcessor (full-resolution decode, bicubic,
+  its size rounding and centre crop) and trains on bicubic random resized crops;
+  "default" decodes JPEGs at a reduced scale (draft) and resamples bilinearly.
+  A features model whose aligner is only named by retrieval.alignment_workdir
+  needs data.resize set to the aligner's mode (or the aligner's config passed
+  to callers that have it, see inference).
+  """
+  setting = _resize_setting(config.get("data"))
+  if setting != "auto":
+    return setting
+  model = config.get("model")
+  tower = _image_tower(model)
+  if tower == "clip":
+    return "clip"
+  recipe = config.get("recipe") if tower == "features" else None
+  if recipe is not None and recipe.get("alignment") is not None:
+    return image_resize_mode(recipe["alignment"])
+  return "default"
+
+
 def _tfds_source(data_config, dataset: str, split: str, spec: s2.TokenSpec, **kwargs):
   if not data_config.get("data_dir"):
     raise ValueError(f"data set {dataset!r} needs data.data_dir (where it was prepared)")
@@ -82,7 +134,7 @@ def _leak_ids(data_config, spec: s2.TokenSpec) -> dict[str, np.ndarray]:
   return out
 
 
-def get_source(data_config, split: str, spec: s2.TokenSpec, *, seed: int = 0):
+def get_source(data_config, split: str, spec: s2.TokenSpec, *, seed: int = 0, resize: str | None = None):
   """The random-access source for `split` of the data set a config names.
 
   data_config is a mapping (dict or ml_collections.ConfigDict) with "name":
@@ -96,7 +148,18 @@ def get_source(data_config, split: str, spec: s2.TokenSpec, *, seed: int = 0):
   data.holdout (see subsets).  For the train split, data.leak_filter (a tuple
   of "DATASET:SPLIT") drops the rows whose Flickr photo id is in those splits;
   the subset's leak_dropped says how many.
+
+  `resize` is the image decoding mode, image_resize_mode(run config): callers
+  with the run's config pass it (the model decides "auto").  None: data.resize
+  when it names a mode, else "default" (the data block alone cannot see the
+  model).  The earth benchmark's images are crops of an array, not decoded
+  files: the mode does not apply to them.
   """
+  if resize is None:
+    resize = _resize_setting(data_config)
+    resize = "default" if resize == "auto" else resize
+  elif resize not in images.RESIZE_MODES:
+    raise ValueError(f"resize must be one of {images.RESIZE_MODES}, got {resize!r}")
   dataset, dataset_split = resolve_split(data_config, split)
   base_split, part = subsets.split_part(dataset_split)
   if dataset == "earth":
@@ -104,7 +167,8 @@ def get_source(data_config, split: str, spec: s2.TokenSpec, *, seed: int = 0):
                          image_size=data_config.get("image_size", earth.DEFAULT_IMAGE_SIZE))
   elif dataset in TFDS_DATASETS:
     source = _tfds_source(data_config, dataset, base_split, spec,
-                          augment=split == "train" and bool(data_config.get("augment", False)), seed=seed)
+                          augment=split == "train" and bool(data_config.get("augment", False)), seed=seed,
+                          resize=resize)
   else:
     raise ValueError(f"unknown data set {dataset!r}; available: {', '.join(DATASETS)}")
   holdout = data_config.get("holdout")

@@ -4,7 +4,8 @@ Reads with tfds's data source API and no TensorFlow: records come back with
 the image still encoded (SkipDecoding), and the image is decoded here with
 PIL: a deterministic centre crop for evaluation, or a random resized crop
 and flip for training, drawn from (seed, stream position) so a resumed run
-sees the same augmentation.  Tokens are read from the record when the
+sees the same augmentation; `resize` picks how (images.RESIZE_MODES: "clip"
+is exactly CLIP's preprocessing, see data.image_resize_mode).  Tokens are read from the record when the
 record's S2 level / group size match the run's TokenSpec, else computed from
 latitude and longitude on the fly.
 
@@ -46,9 +47,12 @@ class TfdsSource:
   "id" str, "country" str}."""
 
   def __init__(self, path: str, split: str, spec: s2.TokenSpec, *, image_size: int = 224,
-               augment: bool = False, flip: bool = True, seed: int = 0):
+               augment: bool = False, flip: bool = True, seed: int = 0, resize: str = "default"):
     self.path, self.split, self.spec = path, split, spec
     self.image_size = int(image_size)
+    if resize not in images_lib.RESIZE_MODES:
+      raise ValueError(f"resize must be one of {images_lib.RESIZE_MODES}, got {resize!r}")
+    self.resize = resize
     self.augment, self.flip, self.seed = bool(augment), bool(flip), int(seed)
     builder = tfds.builder_from_directory(path)
     if split not in builder.info.splits:
@@ -78,7 +82,8 @@ class TfdsSource:
     return len(self._source)
 
   def __repr__(self) -> str:
-    return f"TfdsSource({self.path!r}, split={self.split!r}, records={len(self)})"
+    resize = "" if self.resize == "default" else f", resize={self.resize!r}"
+    return f"TfdsSource({self.path!r}, split={self.split!r}, records={len(self)}{resize})"
 
   @property
   def has_index(self) -> bool:
@@ -143,7 +148,8 @@ class TfdsSource:
       if self.augment:
         key = int(positions[j]) if positions is not None else int(indices[j])
         rng = np.random.default_rng([self.seed, key])
-      image[j] = images_lib.decode_resized(record["image"], self.image_size, rng=rng, flip=self.flip)
+      image[j] = images_lib.decode_resized(record["image"], self.image_size, rng=rng, flip=self.flip,
+                                           mode=self.resize)
     latlng = np.asarray([[r["latitude"], r["longitude"]] for r in records], np.float64).reshape(-1, 2)
     if self._tokens_match:
       tokens = np.stack([np.asarray(r["tokens"], np.int32) for r in records]) if records else \

@@ -46,7 +46,6 @@ import numpy as np
 from flax import nnx
 from safetensors import safe_open
 
-from geotoken_jax.data import images as images_lib
 from geotoken_jax.nn import layers
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -214,8 +213,19 @@ class CLIPVisionTower(nnx.Module):
     return out
 
   def features(self, images: jax.Array) -> jax.Array:
-    """The projected embedding only: [batch, projection_dim] (the frozen feature extractor)."""
-    return self(images)["embedding"]
+    """The projected embedding only: [batch, projection_dim] (the frozen feature extractor).
+
+    self(images)["embedding"], but the last block runs for the CLS token alone
+    (layers.EncoderBlock.first_token: only its keys / values need every token),
+    since nothing else of it reaches the embedding: ~6% fewer FLOPs at ViT-B/32.
+    """
+    x = self.embed(images)
+    blocks = list(self.blocks)
+    for block in blocks[:-1]:
+      x = block(x, deterministic=True, rngs=None)
+    if blocks:
+      x = blocks[-1].first_token(x, deterministic=True, rngs=None)
+    return self.project(self.post_norm(x[:, 0]))
 
 
 # Weight loading
@@ -521,10 +531,13 @@ def preprocess(image, size: int) -> np.ndarray:
 
   transformers' CLIPImageProcessor (PIL backend) rules: the short side becomes
   `size`, the long side int(size * long / short); the crop starts at
-  (new - size) // 2 (data.images.clip_resize_crop, which the data pipeline's
-  "clip" resize mode uses too).  A non-RGB PIL image is converted as the data
-  pipeline does (alpha composited on white, as transformers' convert_to_rgb).
-  No normalization: the tower does /255 and CLIP's mean / std on device.
+  (new - size) // 2.  (torchvision's CenterCrop rounds that offset instead, so
+  the OpenAI / torchvision pipelines can differ by one pixel row.)  No
+  normalization: the tower does /255 and CLIP's mean / std on device.
+  geotoken_jax.data.images.clip_resize_crop is the same computation (the data
+  pipeline's "clip" resize mode; not imported here: geotoken_jax.data pulls in
+  tensorflow_datasets and grain), and tests/test_clip_preprocessing.py checks both
+  against CLIPImageProcessor.
   """
   from PIL import Image
 
@@ -532,9 +545,17 @@ def preprocess(image, size: int) -> np.ndarray:
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
       raise ValueError(f"expected a uint8 [H, W, 3] image, got {image.dtype} {image.shape}")
     image = Image.fromarray(image)
-  else:
-    image = images_lib.to_rgb(image)
-  return images_lib.clip_resize_crop(image, size)
+  elif image.mode != "RGB":
+    image = image.convert("RGB")
+  width, height = image.size
+  short, long = (width, height) if width <= height else (height, width)
+  new_long = int(size * long / short)
+  new_h, new_w = (new_long, size) if width <= height else (size, new_long)
+  if (new_w, new_h) != (width, height):
+    image = image.resize((new_w, new_h), resample=Image.Resampling.BICUBIC)
+  pixels = np.asarray(image)
+  top, left = (new_h - size) // 2, (new_w - size) // 2
+  return np.ascontiguousarray(pixels[top:top + size, left:left + size])
 
 
 # GeoToken's "clip" encoder

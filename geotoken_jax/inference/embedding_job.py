@@ -28,21 +28,24 @@ def embed_function(restored: RestoredModel):
 def run_embedding(workdir, output_dir, *, split: str | None = None, source=None, split_label: str | None = None,
                   step: int | None = None, batch_size: int | None = None, dtype: str = "float16",
                   fields: Sequence[str] | None = None, limit: int = 0, devices=None, overwrite: bool = False,
-                  shard_rows: int = 65536) -> dict:
+                  shard_rows: int = 65536, restored: RestoredModel | None = None) -> dict:
   """Every image of a split (or `source`) through the workdir's alignment model, stored by
   geotoken_jax.embeddings (sharded .npy arrays + manifest; resumable, multi-host).  Returns
-  the manifest."""
-  restored = restore_model(workdir, step=step, devices=devices)
+  the manifest.  The manifest's `extra` names the aligner (RestoredModel.identity(): workdir,
+  step, parameter checksum; embeddings.aligner_identity reads it): resuming a store another
+  aligner started is refused (embeddings.SettingsMismatchError) unless overwrite.
+  `restored`: the workdir's model already restored (the recipe's), else it is restored here."""
+  restored = restored if restored is not None else restore_model(workdir, step=step, devices=devices)
   config = restored.config
   if source is None:
     split = split or config.test_split
-    source = data.get_source(config.data, split, restored.spec)
+    source = data.get_source(config.data, split, restored.spec, resize=data.image_resize_mode(config))
   else:
     split = split_label or split or "source"
   if limit:
     source = data.FirstRows(source, limit)
   global_batch = int(batch_size or evaluate_config(config).batch_size)
-  identity = {"workdir": str(workdir), "step": restored.step, "split": split,
+  identity = {**restored.identity(), "workdir": str(workdir), "split": split,
               "model": json.loads(config.model.to_json_best_effort()),
               "tokens": {"level": restored.spec.level, "group_size": restored.spec.group_size}}
   return embeddings.write_embeddings(embed_function(restored), source, output_dir, mesh=restored.mesh,

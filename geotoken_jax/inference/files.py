@@ -13,7 +13,7 @@ from etils import epath
 from geotoken_jax import models, runtime, s2, sharding
 from geotoken_jax.data import images as images_lib
 from geotoken_jax.decoding import strategies
-from geotoken_jax.inference.online_retrieval import OnlineRetrieval, uses_neighbors
+from geotoken_jax.inference.online_retrieval import OnlineRetrieval, image_resize_mode, uses_neighbors
 from geotoken_jax.inference.predictor import Predictor
 from geotoken_jax.inference.restore import RestoredModel, image_size, restore_aligner
 
@@ -49,11 +49,12 @@ class FilePrediction:
   error: str | None = None
 
 
-def load_image_file(path: str, size: int) -> np.ndarray:
+def load_image_file(path: str, size: int, mode: str = "default") -> np.ndarray:
   """The evaluation view of an image file: uint8 [size, size, 3] (shorter side
-  resized to `size`, centre crop; exactly what evaluation of prepared data does)."""
+  resized to `size`, centre crop, by resize `mode` (data.image_resize_mode);
+  exactly what evaluation of prepared data does)."""
   try:
-    return images_lib.decode_resized(epath.Path(path).read_bytes(), size)
+    return images_lib.decode_resized(epath.Path(path).read_bytes(), size, mode=mode)
   except Exception as e:  # PIL raises many types for bad files  pylint: disable=broad-except
     raise ValueError(f"{type(e).__name__}: {e}") from None
 
@@ -79,6 +80,7 @@ def predict_files(restored: RestoredModel, paths: Sequence[str], *, strategy_tex
   predictor = Predictor.from_restored(restored, [strategy], num_candidates=top_k, seed=seed, cache_dir=cache_dir,
                                       aligner=aligner)
   size = online.image_size if online is not None else image_size(config.model)
+  mode = image_resize_mode(config, online)
   divisor = sharding.global_batch_size_divisor(restored.mesh)
   batch_size = max(divisor, -(-int(batch_size) // divisor) * divisor)
   for start in range(0, len(paths), batch_size):
@@ -86,7 +88,7 @@ def predict_files(restored: RestoredModel, paths: Sequence[str], *, strategy_tex
     pixels, readable, errors = [], [], {}
     for i, path in enumerate(chunk):
       try:
-        pixels.append(load_image_file(path, size))
+        pixels.append(load_image_file(path, size, mode))
         readable.append(i)
       except ValueError as e:
         errors[i] = str(e)

@@ -6,21 +6,27 @@ and the alignment model its strategies need.
   restore_aligner(...)        the alignment model of gallery:K / similarity / fused strategies
   evaluate_config(config)     the config's `evaluate` block over EVALUATE_DEFAULTS
   token_spec, image_size      what a config's tokens and model read
+  params_checksum(params)     a stable digest of parameter values (what an embedding store
+                              records of the aligner that wrote it)
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from etils import epath
 from flax import nnx
+from jax.experimental import multihost_utils
 
-from geotoken_jax import checkpoint, models, s2, sharding
+from geotoken_jax import checkpoint, models, optim, s2, sharding
 from geotoken_jax.decoding import strategies
 from geotoken_jax.decoding.strategies import Strategy
 
@@ -91,6 +97,11 @@ class RestoredModel:
   step: int
   workdir: str = ""
 
+  def identity(self) -> dict:
+    """What names these parameters: {"workdir", "step", "params": params_checksum} (what
+    run_embedding records in a store's manifest; embeddings.aligner_identity reads it back)."""
+    return {"workdir": self.workdir, "step": int(self.step), "params": params_checksum(self.params)}
+
 
 def abstract_params(config, spec: s2.TokenSpec, mesh) -> tuple[nnx.GraphDef, Any, Any]:
   """(graphdef, abstract params carrying their shardings, param shardings) of the config's model."""
@@ -150,3 +161,64 @@ def image_size(model_config) -> int:
   else:
     tower = model_config.encoder
   return int(model_config.clip.image_size if tower == "clip" else model_config.vit.image_size)
+
+
+# ---------------------------------------------------------------------------
+# A digest of parameter values.
+
+
+def _fmix32(h):
+  """murmur3's 32-bit finalizer (uint32 arithmetic wraps)."""
+  h = h ^ (h >> 16)
+  h = h * jnp.uint32(0x85EBCA6B)
+  h = h ^ (h >> 13)
+  h = h * jnp.uint32(0xC2B2AE35)
+  return h ^ (h >> 16)
+
+
+def _leaf_words(x) -> jax.Array:
+  """uint32 words holding every bit of x (1-, 2- and 4-byte dtypes: one word per element)."""
+  if x.dtype == jnp.bool_:
+    return x.astype(jnp.uint32)
+  unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}.get(x.dtype.itemsize)
+  if unsigned is None:
+    raise ValueError(f"params_checksum: unsupported dtype {x.dtype}")
+  return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+
+
+@jax.jit
+def _leaf_hashes(leaves):
+  """[L, 2] uint32: per leaf, two sums over its elements of fmix32(bits ^ fmix32(position-key)):
+  wrapping integer sums, exact in any order (so any sharding or device count gives the same)."""
+  out = []
+  for x in leaves:
+    words = _leaf_words(x)
+    position, stride = jnp.zeros(words.shape, jnp.uint32), 1
+    for axis in reversed(range(words.ndim)):  # the row-major element number, without a reshape
+      position = position + jax.lax.broadcasted_iota(jnp.uint32, words.shape, axis) * jnp.uint32(stride % 2**32)
+      stride *= words.shape[axis]
+    key = position * jnp.uint32(0x9E3779B9)
+    out.append(jnp.stack([jnp.sum(_fmix32(words ^ _fmix32(key + jnp.uint32(seed))), dtype=jnp.uint32)
+                          for seed in (0x632BE5AB, 0x85157AF5)]))
+  return jnp.stack(out) if out else jnp.zeros((0, 2), jnp.uint32)
+
+
+def params_checksum(params) -> str:
+  """A stable digest of a parameter tree's values (16 hex digits): sha256 over its leaves in
+  path order, each as path, dtype, shape and two 32-bit hashes of its bits (_leaf_hashes).
+
+  Computed where the parameters live (reductions on the devices, 8 bytes a leaf to the host:
+  cheap for a ViT-L); the integer sums are exact whatever the reduction order, so the digest
+  is the same on 1 device or 8, under any sharding, on any process.  Any changed bit of any
+  parameter changes it (up to 2^-64 collisions)."""
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  named = sorted((("/".join(map(str, optim.parameter_path(path))), leaf) for path, leaf in flat), key=lambda t: t[0])
+  leaves = [leaf if isinstance(leaf, jax.Array) else jnp.asarray(leaf) for _, leaf in named]
+  hashes = _leaf_hashes(leaves)
+  if jax.process_count() > 1 and not hashes.is_fully_addressable:
+    hashes = multihost_utils.process_allgather(hashes, tiled=True)
+  hashes = np.asarray(hashes, np.uint32)
+  digest = hashlib.sha256()
+  for (name, leaf), (a, b) in zip(named, hashes, strict=True):
+    digest.update(f"{name}|{np.dtype(leaf.dtype).name}|{tuple(leaf.shape)}|{int(a):08x}{int(b):08x};".encode())
+  return digest.hexdigest()[:16]

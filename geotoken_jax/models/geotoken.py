@@ -37,6 +37,14 @@ NEIGHBOR_MEMORY_KEYS = ("neighbor_tokens", "neighbor_scores")
 _IMAGE_ENCODERS = ("vit", "clip")
 
 
+def input_keys(config) -> tuple[str, ...]:
+  """The batch keys a model of this config reads (GeoTokenModel.input_keys, without building it):
+  what an input pipeline must send it."""
+  if str(config.encoder) not in _IMAGE_ENCODERS:
+    return FEATURE_INPUT_KEYS
+  return (IMAGE_INPUT_KEY,) + (NEIGHBOR_MEMORY_KEYS if bool(config.get("neighbor_memory", False)) else ())
+
+
 class GeoTokenModel(nnx.Module):
 
   def __init__(self, config, spec: s2.TokenSpec, *, rngs: nnx.Rngs):

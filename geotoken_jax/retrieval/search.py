@@ -4,37 +4,57 @@
 the largest inner product q . g (best first, ties broken by the lower row).
 No normalization is done: callers L2-normalize both sides for cosine similarity.
 
-Design (one pass over the gallery per batch of queries):
+Design (query blocks outside, gallery chunks inside, query batches innermost):
 
-* The gallery is never loaded whole.  It is read one chunk of `chunk_rows` rows
-  at a time through `gallery[a:b]` (an np.memmap, an np.ndarray or a
-  `ConcatRows` over memory-mapped shards), so host memory is bounded by
-  chunk_rows, not by the gallery size.  Each chunk is padded to a multiple of
-  the number of mesh devices and placed with `jax.make_array_from_callback`,
-  its rows sharded over ALL mesh axes: on several processes each host reads
-  only the rows its own devices hold.  The query batch is replicated.
-* One jitted `jax.shard_map` per chunk: every device computes `q @ gᵀ` for its
-  rows in `dtype` (bfloat16 or float32, accumulated in float32), applies the
-  exclusion rules, takes a local `lax.top_k` of k + margin, attaches global row
+* The gallery is never loaded whole.  It is read one chunk at a time through
+  `gallery[a:b]` (an np.memmap, an np.ndarray or a `ConcatRows` over
+  memory-mapped shards), so host memory is bounded by `chunk_rows`, not by the
+  gallery size.  The chunks are balanced (ceil(G / ceil(G / chunk_rows)) rows
+  each, padded to a multiple of the devices times the selection's block width),
+  placed with `jax.make_array_from_callback`, their rows sharded over ALL mesh
+  axes: on several processes each host reads only the rows its own devices
+  hold.  At most two chunks are on the devices at a time.
+* Queries are validated (a non-finite value is a ValueError naming its row) and
+  placed `max_resident_queries` at a time (replicated, in their stored type: the
+  float32 rescoring needs them unrounded), in balanced batches of at most
+  `query_batch`; the gallery is read once per block of resident queries, so
+  `max_resident_queries` trades device memory against gallery re-reads
+  (`plan_memory` gives the bytes).
+* One jitted `jax.shard_map` step per (chunk, query batch): every device
+  computes `q @ gᵀ` for its rows in `dtype` (bfloat16, or float32 at HIGHEST
+  precision; accumulated in float32), drops padding and non-finite gallery
+  rows (score -inf; counted), applies the exclusion rules, and selects its
+  exact top-(k + margin) by a block-max pre-selection (`_select_top`: the
+  per-block maxima's top-(k + margin) blocks hold the top-(k + margin) scores,
+  ties included; one `lax.top_k` over those blocks' scores), attaches global row
   numbers, all-gathers the candidates over the device axes and takes a second
   top_k; the chunk's candidates are then merged with the running ones (running
-  first: `lax.top_k` is stable, so on ties lower rows win).  Padding rows score
-  -inf with row -1 and never win.  The chunk and query-batch shapes are fixed
-  (the last ones are padded), so the step compiles once per shape and is cached
-  across calls (`_chunk_step`).
+  first: `lax.top_k` is stable, so on ties lower rows win).  The step compiles
+  once per shape and is cached across calls (`_chunk_step`).
 * Excluded rows (see `Exclusion`) are kept out of the kept list (score -inf
   there) and tracked in a second running top-(k + margin) with their reason
   codes, so that what the filter removed from the unfiltered top-k is reported
   exactly (`SearchResult.excluded_in_top_k`, `rank0_reason`).
-* After the last chunk the k + margin candidates of both lists are rescored on
-  the host in float32 (the float64 inner product rounded to float32) from the
-  original gallery rows, their exclusion reasons are recomputed on the host
-  with those scores and float64 great-circle distances, and everything is
-  ordered by (-score, row) with np.lexsort.  With dtype "float32" (matmul at
-  HIGHEST precision) the result equals brute force exactly, ties broken by the
-  lower row.  With "bfloat16" it is exact whenever each query's true top-k lies
-  within its bfloat16 top-(k + margin) (kept and excluded lists alike); the
-  returned scores are always the float32 ones.
+* After the last chunk of a block the host finishes its queries (overlapped
+  with the next block's device work; on several processes over a shared mesh,
+  each process finishes its share of the queries and the results are
+  all-gathered): the candidates' device scores are within a proven bound E of
+  the exact inner product (float32: 2 (D + 2) 2⁻²⁴ |q| max|g|; bfloat16 adds
+  the inputs' rounding, 2⁻⁸ |q| max|g|), so only the candidates that can still
+  reach the top k (device score within 2E of the k-th) are rescored from the
+  original rows: float32, from the float64 inner product.  Exclusion reasons are
+  recomputed with those scores and float64 great-circle distances, and
+  everything is ordered by (-score, row).  With dtype "float32" the result
+  equals brute force exactly (float64 products rounded to float32), ties broken
+  by the lower row.  With "bfloat16" it is exact whenever each query's true
+  top-k lies within its bfloat16 top-(k + margin) (kept and excluded lists
+  alike); a query for which the bound cannot prove that is counted in
+  `SearchResult.uncertified_queries`.  The returned scores are always the
+  rescored float32 ones.
+* `prefilter="bfloat16"` (dtype "float32" only): the device pass runs in
+  bfloat16 (faster wherever bfloat16 matmuls are), and every query whose exact
+  top-k the bound cannot prove is searched again in float32
+  (`SearchResult.fallback_queries`): the result is the float32 one.
 
 Multi-host: every process calls `search` in step with the same arguments and
 gets the same (replicated) numpy results.  `mesh=None` uses a mesh over this
@@ -63,7 +83,11 @@ KEPT, SAME_ID, NEAR_DUPLICATE, SAME_GROUP = 0, 1, 2, 3
 REASONS = ("same_id", "near_duplicate", "same_group")  # reason code r is REASONS[r - 1]
 EARTH_RADIUS_KM = 6371.0088
 _DTYPES = ("bfloat16", "float32")
-_RESCORE_ELEMENTS = 1 << 22  # gathered gallery values per host rescoring block (float64: 32 MiB)
+_PREFILTERS = (None, "bfloat16")
+_RESCORE_ELEMENTS = 1 << 22  # gathered gallery values per host rescoring block
+_VALIDATE_ROWS = 1 << 16  # query rows checked for non-finite values at a time
+_UNIT = 2.0**-24  # float32 unit roundoff
+_BF16_UNIT = 2.0**-9  # bfloat16 unit roundoff (round to nearest even)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +118,13 @@ class SearchResult:
   scores: np.ndarray  # float32 [Q, k] fp32-rescored inner products; -inf where indices is -1
   excluded_in_top_k: np.ndarray  # int32 [Q, 3] per reason: excluded rows within the unfiltered top-k
   rank0_reason: np.ndarray  # int8 [Q] reason code of the unfiltered rank-0 row (0 = it was kept)
+  # Gallery rows holding a NaN or an infinity: never returned (scored -inf on the device).
+  nonfinite_gallery_rows: int = 0
+  # Queries whose exactness the error bound could not prove (bfloat16: possibly inexact; float32:
+  # more than `margin` candidates within float32 rounding of the k-th, e.g. duplicated rows).
+  uncertified_queries: int = 0
+  # prefilter="bfloat16": queries searched again in float32 because the bound could not certify them.
+  fallback_queries: int = 0
 
   def stats(self) -> dict[str, Any]:
     """JSON-friendly summary."""
@@ -107,6 +138,9 @@ class SearchResult:
         "excluded_in_top_k": {name: int(self.excluded_in_top_k[:, code - 1].sum())
                               for code, name in enumerate(REASONS, 1)},
         "queries_with_fewer_than_k": int(np.sum(np.any(self.indices < 0, axis=1))),
+        "nonfinite_gallery_rows": int(self.nonfinite_gallery_rows),
+        "uncertified_queries": int(self.uncertified_queries),
+        "fallback_queries": int(self.fallback_queries),
     }
 
 
@@ -222,6 +256,56 @@ def _check_exclusion(exclusion: Exclusion | None, num_queries: int, num_rows: in
   return out
 
 
+def _check_queries_finite(queries, num_queries: int) -> None:
+  """ValueError naming the first query row with a NaN or an infinity (read in blocks)."""
+  for a in range(0, num_queries, _VALIDATE_ROWS):
+    block = np.asarray(queries[a:a + _VALIDATE_ROWS])
+    if block.dtype.kind == "f" or block.dtype == ml_dtypes.bfloat16:
+      bad = ~np.isfinite(block.astype(np.float32, copy=False)).all(axis=1)
+      if bad.any():
+        row = a + int(np.argmax(bad))
+        raise ValueError(f"queries row {row} has a non-finite value (NaN or inf): "
+                         f"{np.asarray(queries[row:row + 1])[0][:8]}...; fix or drop that query")
+
+
+# ----------------------------------------------------------------------------- layout
+
+
+def _block_width(cols: int, run_k: int) -> int:
+  """Block width of `_select_top` for `cols` scores per query: the power of two w dividing cols
+  nearest sqrt(cols / run_k) from below (cols / w block maxima and run_k * w candidates then cost
+  about the same), or 1 (a plain top_k) when the scores are too few to gain."""
+  if cols < 16 * run_k:
+    return 1
+  target = 1 << max(0, int(math.floor(math.log2(math.sqrt(cols / run_k)))))
+  width = 1
+  while width * 2 <= target and cols % (width * 2) == 0:
+    width *= 2
+  return width
+
+
+def _chunk_layout(num_rows: int, chunk_rows: int, devices: int, run_k: int) -> tuple[int, int, int]:
+  """(rows read per chunk, padded chunk rows on the devices, number of chunks): balanced chunks of
+  at most chunk_rows rows, padded to a multiple of devices x the block width of the selection."""
+  count = -(-num_rows // min(chunk_rows, num_rows))
+  stride = -(-num_rows // count)
+  per_device = -(-stride // devices)
+  width = _block_width(per_device, run_k)
+  per_device = -(-per_device // width) * width
+  return stride, per_device * devices, count
+
+
+def _batch_layout(num_queries: int, query_batch: int, max_resident_queries: int | None) -> tuple[int, int]:
+  """(query batch B, resident batches per block): balanced batches of at most query_batch
+  queries (a multiple of 8 where that stays within query_batch)."""
+  count = -(-num_queries // min(query_batch, num_queries))
+  batch = -(-num_queries // count)
+  if -(-batch // 8) * 8 <= query_batch:
+    batch = -(-batch // 8) * 8
+  resident = count if max_resident_queries is None else max(1, min(count, max_resident_queries // batch))
+  return batch, resident
+
+
 # ----------------------------------------------------------------------------- host-side helpers
 
 
@@ -245,6 +329,67 @@ def _haversine_km(a: np.ndarray, b: np.ndarray) -> np.ndarray:
   return 2 * EARTH_RADIUS_KM * np.arcsin(np.sqrt(np.minimum(h, 1.0)))
 
 
+def _take_rows(gallery, rows: np.ndarray) -> np.ndarray:
+  """Gallery rows at the sorted `rows` [U] -> [U, D] (float16 / float32 / float64 kept; else float32)."""
+  if isinstance(gallery, np.ndarray):
+    out = np.take(gallery, rows, axis=0)
+  else:
+    unique, inverse = np.unique(rows, return_inverse=True)  # a memmap / ConcatRows reads each row once
+    out = np.asarray(gallery.take(unique) if hasattr(gallery, "take") else gallery[unique])[inverse]
+  return out if out.dtype in (np.float16, np.float32, np.float64) else out.astype(np.float32)
+
+
+def _rescore(queries: np.ndarray, gallery, rows: np.ndarray, need: np.ndarray) -> np.ndarray:
+  """float32 scores (the float64 inner product, rounded) of queries [b, D] against gallery rows
+  [b, C] where need [b, C]; NaN elsewhere.  Pairs go in gallery-row order, in blocks."""
+  out = np.full(rows.shape, np.nan, np.float32)
+  query_of, slot = np.nonzero(need)
+  if not query_of.size:
+    return out
+  picked = rows[query_of, slot]
+  order = np.argsort(picked, kind="stable")
+  step = max(1, _RESCORE_ELEMENTS // max(1, queries.shape[1]))
+  for a in range(0, order.size, step):
+    sel = order[a:a + step]
+    g = _take_rows(gallery, picked[sel])  # [n, D]
+    q = queries[query_of[sel]]  # [n, D]
+    out[query_of[sel], slot[sel]] = np.einsum("nd,nd->n", q, g, dtype=np.float64).astype(np.float32)
+  return out
+
+
+def _kth_largest(values: np.ndarray, mask: np.ndarray, k: int) -> np.ndarray:
+  """Per row, the k-th largest of values [b, C] where mask (-inf if fewer than k) -> float64 [b]."""
+  v = np.where(mask, values.astype(np.float64), -np.inf)
+  if k > v.shape[1]:
+    return np.full(v.shape[0], -np.inf)
+  return -np.partition(-v, k - 1, axis=1)[:, k - 1]
+
+
+def _order(scores: np.ndarray, rows: np.ndarray, first: np.ndarray | None = None) -> np.ndarray:
+  """Per query, argsort by (first ascending, -score, row): [B, C] positions."""
+  keys = [rows, -scores.astype(np.float64)]
+  if first is not None:
+    keys.append(first)
+  return np.lexsort(keys, axis=-1)
+
+
+def _error_bound(dtype: str, dims: int, query_norms: np.ndarray, max_row_norm: float) -> np.ndarray:
+  """Per query, a bound on |device score - exact inner product| for every finite gallery row.
+
+  float32 (any summation order, FMA or not, and bf16x6-style emulation): the products and the
+  sum add at most (D + 2) float32 roundings of sum |q_i g_i| <= |q| |g|; doubled for margin.
+  bfloat16: the inputs' rounding adds |q| |g| (2 u + u^2) with u = 2^-9 (products of bfloat16
+  values are exact in float32), then the float32 sum as above.  A tiny absolute term covers
+  values flushed to zero."""
+  scale = query_norms * max_row_norm * (1 + 1e-6)
+  float32 = 2.0 * (dims + 2) * _UNIT
+  if dtype == "float32":
+    coefficient = float32
+  else:
+    coefficient = 2 * _BF16_UNIT + _BF16_UNIT**2 + float32 * (1 + _BF16_UNIT) ** 2
+  return coefficient * scale + dims * 1e-37
+
+
 def _host_reasons(rules: dict[str, np.ndarray], exclusion: Exclusion | None, query_rows: np.ndarray,
                   rows: np.ndarray, scores: np.ndarray) -> np.ndarray:
   """Reason codes of candidate `rows` [B, C] (valid, >= 0) for queries `query_rows` [B] -> int8 [B, C]."""
@@ -260,41 +405,51 @@ def _host_reasons(rules: dict[str, np.ndarray], exclusion: Exclusion | None, que
   return reason
 
 
-def _gather_rows(gallery, rows: np.ndarray) -> np.ndarray:
-  """Gallery rows at the sorted unique `rows` [U] -> [U, D]."""
-  if isinstance(gallery, np.ndarray) or not hasattr(gallery, "take"):
-    return np.asarray(gallery[rows])  # fancy indexing (np.ndarray.take would flatten)
-  return np.asarray(gallery.take(rows))
-
-
-def _rescore(queries: np.ndarray, gallery, rows: np.ndarray) -> np.ndarray:
-  """float32 scores of queries [B, D] against gallery rows [B, C] (-1: none -> -inf), from the
-  float64 inner product, in blocks of queries so the gathered rows stay small."""
-  scores = np.full(rows.shape, -np.inf, np.float32)  # [B, C]
-  block = max(1, _RESCORE_ELEMENTS // max(1, rows.shape[1] * queries.shape[1]))
-  for a in range(0, rows.shape[0], block):
-    r = rows[a:a + block]  # [b, C]
-    valid = r >= 0
-    unique, inverse = np.unique(r[valid], return_inverse=True)
-    if not unique.size:
-      continue
-    g = _gather_rows(gallery, unique).astype(np.float64)  # [U, D]
-    q = np.asarray(queries[a:a + block], np.float64)  # [b, D]
-    query_of = np.broadcast_to(np.arange(r.shape[0])[:, None], r.shape)[valid]  # [V]
-    block_scores = np.einsum("vd,vd->v", q[query_of], g[inverse])  # [V]
-    scores[a:a + block][valid] = block_scores.astype(np.float32)
-  return scores
-
-
-def _order(scores: np.ndarray, rows: np.ndarray, first: np.ndarray | None = None) -> np.ndarray:
-  """Per query, argsort by (first ascending, -score, row): [B, C] positions."""
-  keys = [rows, -scores.astype(np.float64)]
-  if first is not None:
-    keys.append(first)
-  return np.lexsort(keys, axis=-1)
-
-
 # ----------------------------------------------------------------------------- device step
+
+
+def _max_over_axis1(x: jax.Array) -> jax.Array:
+  """max over axis 1 of [B, w, n], as a reduction XLA fuses with whatever produced x (one pass over
+  it, vectorized along n).  Spelled as a select so that it is not handed to a library reduce
+  kernel, before which x would be materialized."""
+  return lax.reduce(x, jnp.array(-jnp.inf, x.dtype), lambda a, b: jnp.where(a >= b, a, b), (1,))
+
+
+def _select_top(scores: jax.Array, count: int, masked=None, columns: Sequence[jax.Array] = ()):
+  """Exactly lax.top_k(masked(scores) [B, C], count) -> (values, positions) [B, count], ties to the
+  lower position, through a block-max pre-selection when C is large.
+
+  Block j holds the positions j, j + n, ..., j + (w - 1) n (n = C / w blocks of w): the scores are
+  viewed as [B, w, n] and the block maxima are elementwise maxima of contiguous rows.
+  masked(s, cols) -> values (elementwise; None: the scores as they are) sees the scores in that
+  layout ([B, w, n], or the chosen blocks [B, w, count]) and each of `columns` ([C, ...] per-column
+  arrays) laid out the same way ([1, w, n, ...] / [B, w, count, ...]): it is applied inside the
+  block-max pass and again on the chosen blocks only, never materialized over all of [B, C].
+
+  Exact: the count-th largest block maximum T is <= the count-th largest score (count blocks each
+  hold a score >= T), so every top score lies in a block whose maximum is >= T: all blocks above T
+  are among the count chosen, and the chosen blocks at T are the lowest-numbered ones (top_k is
+  stable), which hold T's lowest positions.  The chosen blocks' scores are laid out in position
+  order (offset major, sorted block numbers minor), so the final stable top_k breaks ties exactly
+  as one top_k over all C would."""
+  batch, cols = scores.shape
+  count = min(count, cols)
+  width = _block_width(cols, count)
+  apply = (lambda s, _: s) if masked is None else masked
+  if width == 1:
+    values = apply(scores[:, None, :], [c[None, None] for c in columns])[:, 0]
+    return lax.top_k(values, count)
+  n = cols // width
+  strided = scores.reshape(batch, width, n)
+  column_views = [c.reshape((width, n) + c.shape[1:]) for c in columns]
+  maxima = _max_over_axis1(apply(strided, [c[None] for c in column_views]))  # [B, n]
+  _, chosen = lax.top_k(maxima, count)  # [B, count] block numbers
+  chosen = jnp.sort(chosen, axis=1)
+  candidates = jnp.take_along_axis(strided, chosen[:, None, :], axis=2)  # [B, w, count]
+  candidate_columns = [jnp.moveaxis(jnp.take(c, chosen, axis=1), 0, 1) for c in column_views]  # [B, w, count, ...]
+  values, at = lax.top_k(apply(candidates, candidate_columns).reshape(batch, width * count), count)
+  positions = jnp.take_along_axis(chosen, at % count, axis=1) + (at // count) * n
+  return values, positions
 
 
 def _topk_rows(scores: jax.Array, rows: jax.Array, k: int, *extra: jax.Array):
@@ -308,40 +463,60 @@ def _topk_rows(scores: jax.Array, rows: jax.Array, k: int, *extra: jax.Array):
 @functools.lru_cache(maxsize=32)
 def _chunk_step(mesh: Mesh, run_k: int, dtype: str, rules: tuple[str, ...]):
   """The jitted step: (queries [B, D], chunk [C, D], rows [C], query / gallery rule arrays,
-  running lists) -> updated running lists.  One compile per (B, C, D) shape."""
+  running lists, gallery statistics) -> updated lists and statistics.  One compile per
+  (B, C, D) shape."""
   axes = tuple(mesh.axis_names)
   rows_spec, rep = PartitionSpec(axes), PartitionSpec()
   compute = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
   precision = lax.Precision.HIGHEST if dtype == "float32" else lax.Precision.DEFAULT
   excluding = bool(rules)
 
-  def body(q, g, rows, qx, gx, dup, kept, excluded):
+  def body(q, g, rows, qx, gx, dup, kept, excluded, stats):
     s = lax.dot_general(q.astype(compute), g.astype(compute), (((1,), (1,)), ((), ())),
                         precision=precision, preferred_element_type=jnp.float32)  # [B, c] local rows
-    valid = (rows >= 0)[None, :]  # [1, c]
-    rows_b = jnp.broadcast_to(rows[None, :], s.shape)  # [B, c] global row numbers
-    local_k = min(run_k, s.shape[1])
-    if excluding:
-      reason = jnp.zeros(s.shape, jnp.int32)  # [B, c]
-      if "groups" in rules:
-        same = (qx["groups"][:, None, 0] == gx["groups"][None, :, 0]) & (
-            qx["groups"][:, None, 1] == gx["groups"][None, :, 1])
-        reason = jnp.where(same & qx["group_valid"][:, None] & gx["group_valid"][None, :], SAME_GROUP, reason)
-      if "latlng" in rules:
-        chord2 = sum((qx["xyz"][:, None, i] - gx["xyz"][None, :, i]) ** 2 for i in range(3))  # [B, c]
-        near = (chord2 <= dup[0]) & (s >= dup[1])
-        reason = jnp.where(near, NEAR_DUPLICATE, reason)
-      if "ids" in rules:
-        same = (qx["ids"][:, None, 0] == gx["ids"][None, :, 0]) & (qx["ids"][:, None, 1] == gx["ids"][None, :, 1])
-        reason = jnp.where(same, SAME_ID, reason)
-      kept_scores = jnp.where(valid & (reason == KEPT), s, -jnp.inf)
-      excluded_scores = jnp.where(valid & (reason != KEPT), s, -jnp.inf)
-    else:
-      kept_scores = jnp.where(valid, s, -jnp.inf)
+    finite = jnp.all(jnp.isfinite(g), axis=1)  # [c]: a NaN / inf anywhere in a row drops the row
+    real = rows >= 0
+    ok = real & finite  # [c]
+    g32 = g.astype(jnp.float32)
+    norm2 = jnp.max(jnp.where(ok, jnp.sum(g32 * g32, axis=1), 0.0))
+    stats = (stats[0] + lax.psum(jnp.sum(real & ~finite, dtype=jnp.int32), axes),
+             jnp.maximum(stats[1], lax.pmax(norm2, axes)))
+    names = tuple(n for n in sorted(gx) if gx[n] is not None)
+    columns = [ok] + [gx[n] for n in names]
 
-    def chunk_candidates(scores, *extra):
-      local = _topk_rows(scores, rows_b, local_k, *extra)  # [B, local_k] each
-      gathered = [lax.all_gather(x, axes, axis=1, tiled=True) for x in local]  # [B, devices * local_k]
+    def reasons(s, cols):
+      """Reason codes of scores s [B, ...] against gallery columns cols (shaped like s, + tail)."""
+      g_side = dict(zip(names, cols[1:]))
+      q_side = {n: a.reshape((a.shape[0],) + (1,) * (s.ndim - 1) + a.shape[1:])
+                for n, a in qx.items() if a is not None}
+      reason = jnp.zeros(s.shape, jnp.int32)
+      if "groups" in rules:
+        same = (q_side["groups"][..., 0] == g_side["groups"][..., 0]) & (
+            q_side["groups"][..., 1] == g_side["groups"][..., 1])
+        reason = jnp.where(same & q_side["group_valid"] & g_side["group_valid"], SAME_GROUP, reason)
+      if "latlng" in rules:
+        chord2 = sum((q_side["xyz"][..., i] - g_side["xyz"][..., i]) ** 2 for i in range(3))
+        reason = jnp.where((chord2 <= dup[0]) & (s >= dup[1]), NEAR_DUPLICATE, reason)
+      if "ids" in rules:
+        same = (q_side["ids"][..., 0] == g_side["ids"][..., 0]) & (q_side["ids"][..., 1] == g_side["ids"][..., 1])
+        reason = jnp.where(same, SAME_ID, reason)
+      return reason
+
+    def masked(want_kept):
+      def values(s, cols):
+        # Padding and non-finite rows, and NaN scores (only an overflow of finite values): -inf.
+        keep = cols[0] & ~jnp.isnan(s)
+        if excluding:
+          keep = keep & ((reasons(s, cols) == KEPT) == want_kept)
+        return jnp.where(keep, s, -jnp.inf)
+      return values
+
+    def chunk_candidates(want_kept):
+      values, positions = _select_top(s, run_k, masked(want_kept), columns)  # [B, r] each
+      local = [values, jnp.where(values == -jnp.inf, -1, jnp.take(rows, positions))]
+      if not want_kept:
+        local.append(reasons(values, [c[positions] for c in columns]))
+      gathered = [lax.all_gather(x, axes, axis=1, tiled=True) for x in local]  # [B, devices * r]
       return _topk_rows(gathered[0], gathered[1], min(run_k, gathered[0].shape[1]), *gathered[2:])
 
     def merge(running, candidates):
@@ -349,31 +524,35 @@ def _chunk_step(mesh: Mesh, run_k: int, dtype: str, rules: tuple[str, ...]):
       joined = [jnp.concatenate([a, b], axis=1) for a, b in zip(running, candidates)]
       return _topk_rows(joined[0], joined[1], run_k, *joined[2:])
 
-    kept = merge(kept, chunk_candidates(kept_scores))
+    kept = merge(kept, chunk_candidates(True))
     if excluding:
-      excluded = merge(excluded, chunk_candidates(excluded_scores, reason))
-    return kept, excluded
+      excluded = merge(excluded, chunk_candidates(False))
+    return kept, excluded, stats
 
   qx_spec = {"ids": rep, "groups": rep, "group_valid": rep, "xyz": rep}
   gx_spec = {"ids": rows_spec, "groups": rows_spec, "group_valid": rows_spec, "xyz": rows_spec}
   mapped = jax.shard_map(body, mesh=mesh,
-                         in_specs=(rep, rows_spec, rows_spec, qx_spec, gx_spec, rep, rep, rep),
-                         out_specs=(rep, rep),
+                         in_specs=(rep, rows_spec, rows_spec, qx_spec, gx_spec, rep, rep, rep, rep),
+                         out_specs=(rep, rep, rep),
                          # all_gather's output is the same on every device, but the varying-axes check
                          # cannot infer that (lax has no invariant all_gather): checked by the tests.
                          check_vma=False)
 
-  def step(q, g, rows, qx, gx, dup, kept, excluded):
+  def step(q, g, rows, qx, gx, dup, kept, excluded, stats):
     return mapped(q, g, rows, {k: qx.get(k) for k in qx_spec}, {k: gx.get(k) for k in gx_spec},
-                  dup, kept, excluded)
+                  dup, kept, excluded, stats)
 
-  return jax.jit(step)
+  # The running lists are replaced by the step's outputs: donated (updated in place where the backend
+  # can).  The statistics are not: the search loop waits on them.
+  return jax.jit(step, donate_argnums=(6, 7))
 
 
 def _put(mesh: Mesh, spec: PartitionSpec, shape: tuple[int, ...], read) -> jax.Array:
   """A global array from `read(lo, hi)` -> rows [lo, hi) of it (numpy); each process reads only
   the rows of its own devices."""
   def callback(index):
+    if not shape:  # a scalar
+      return read(0, 0)
     rows = index[0] if index else slice(None)
     lo, hi, _ = rows.indices(shape[0])
     return read(lo, hi)
@@ -398,18 +577,117 @@ def _padded_reader(source, start: int, stop: int, dtype, fill=0):
   return read
 
 
+def _rule_specs(names: tuple[str, ...]) -> dict[str, tuple[tuple[int, ...], Any]]:
+  """Per-row device rule arrays: name -> (trailing shape, dtype)."""
+  out = {}
+  if "ids" in names:
+    out["ids"] = ((2,), np.uint32)
+  if "groups" in names:
+    out["groups"] = ((2,), np.uint32)
+    out["group_valid"] = ((), np.bool_)
+  if "latlng" in names:
+    out["xyz"] = ((3,), np.float32)
+  return out
+
+
+def _step_shapes(mesh: Mesh, batch: int, chunk: int, dims: int, run_k: int, names: tuple[str, ...],
+                 query_dtype, gallery_dtype) -> tuple:
+  """jax.ShapeDtypeStruct arguments of the step (for lowering it without data: plan tests)."""
+  axes = tuple(mesh.axis_names)
+  rep = NamedSharding(mesh, PartitionSpec())
+  spec = lambda shape, dtype, rows=False: jax.ShapeDtypeStruct(  # noqa: E731
+      shape, dtype, sharding=NamedSharding(mesh, PartitionSpec(axes, *([None] * (len(shape) - 1))))
+      if rows else rep)
+  rules = _rule_specs(names)
+  qx = {n: spec((batch,) + tail, dt) for n, (tail, dt) in rules.items()}
+  gx = {n: spec((chunk,) + tail, dt, rows=True) for n, (tail, dt) in rules.items()}
+  kept = (spec((batch, run_k), jnp.float32), spec((batch, run_k), jnp.int32))
+  excluded = kept + (spec((batch, run_k), jnp.int32),) if names else ()
+  stats = (spec((), jnp.int32), spec((), jnp.float32))
+  return (spec((batch, dims), query_dtype), spec((chunk, dims), gallery_dtype, rows=True),
+          spec((chunk,), jnp.int32, rows=True), qx, gx, spec((2,), jnp.float32), kept, excluded, stats)
+
+
+# ----------------------------------------------------------------------------- memory plan
+
+
+def plan_memory(num_queries: int, num_rows: int, dims: int, *, k: int, margin: int = 16,
+                chunk_rows: int = 65536, query_batch: int = 1024, dtype: str = "bfloat16", devices: int = 1,
+                max_resident_queries: int | None = 65536, query_dtype: str = "float32",
+                gallery_dtype: str = "float32", rules: Sequence[str] = ()) -> dict[str, Any]:
+  """Device memory of `search` with these settings: bytes per device of every resident buffer.
+
+  rules: the active exclusion rules among "ids", "groups", "latlng".  An upper bound: the step's
+  temporaries are counted as if none were fused or reused (XLA reuses some; the tests check the
+  compiled step against `step_bytes`)."""
+  run_k = int(k) + int(margin)
+  names = tuple(sorted(rules))
+  stride, chunk, num_chunks = _chunk_layout(num_rows, chunk_rows, devices, run_k)
+  batch, resident = _batch_layout(num_queries, query_batch, max_resident_queries)
+  batches = -(-num_queries // batch)
+  local = chunk // devices
+  r = min(run_k, local)
+  width = _block_width(local, r)
+  size = lambda name: np.dtype(ml_dtypes.bfloat16 if name == "bfloat16" else name).itemsize  # noqa: E731
+  q_size, g_size, c_size = size(query_dtype), size(gallery_dtype), size(dtype)
+  rule_bytes = sum(int(np.prod(tail, dtype=np.int64)) * np.dtype(dt).itemsize
+                   for tail, dt in _rule_specs(names).values())
+  lists = 2 if names else 1
+  list_bytes = batch * run_k * (8 + (12 if names else 0))  # kept (score, row) [+ excluded (score, row, reason)]
+  chunk_bytes = local * (dims * g_size + 4 + rule_bytes)
+  arguments = {
+      "query_batch": batch * (dims * q_size + rule_bytes),
+      "gallery_chunk": chunk_bytes,
+      "running_lists": list_bytes,
+  }
+  temps = {
+      "query_cast": batch * dims * c_size if dtype != query_dtype else 0,
+      "chunk_cast": local * dims * (c_size + (4 if gallery_dtype != "float32" else 0)),
+      # s, and per list the masked scores (+ the reason codes when excluding).
+      "scores": batch * local * 4 * (1 + lists + (1 if names else 0)),
+      "selection": lists * batch * ((local // width) * 4 + r * width * 4 + r * 16) if width > 1 else
+                   lists * batch * r * 16,
+      "gathered_candidates": lists * batch * devices * r * 12 + 2 * list_bytes,
+  }
+  resident_bytes = {
+      "resident_queries": resident * batch * (dims * q_size + rule_bytes),
+      "running_lists": resident * list_bytes,
+      "gallery_chunks": 2 * chunk_bytes,  # the one being searched and the next (read ahead)
+  }
+  step_arguments, step_temps = sum(arguments.values()), sum(temps.values())
+  total = sum(resident_bytes.values()) + step_temps
+  return {
+      "bytes_per_device": {**resident_bytes, **{f"step_{n}": v for n, v in temps.items()}},
+      "total_bytes_per_device": int(total),
+      "total_gib_per_device": total / 2**30,
+      "step_argument_bytes": int(step_arguments),
+      "step_temp_bytes": int(step_temps),
+      "step_bytes": int(step_arguments + step_temps),
+      "layout": {"chunk_rows_read": stride, "chunk_rows_padded": chunk, "chunk_rows_per_device": local,
+                 "chunks": num_chunks, "query_batch": batch, "query_batches": batches,
+                 "resident_batches": resident, "gallery_passes": -(-batches // resident),
+                 "selection_block_width": width, "run_k": run_k},
+      "settings": {"num_queries": num_queries, "num_rows": num_rows, "dims": dims, "k": k, "margin": margin,
+                   "chunk_rows": chunk_rows, "query_batch": query_batch, "dtype": dtype, "devices": devices,
+                   "max_resident_queries": max_resident_queries, "query_dtype": query_dtype,
+                   "gallery_dtype": gallery_dtype, "rules": list(names)},
+  }
+
+
 # ----------------------------------------------------------------------------- search
 
 
 def search(queries, gallery, k: int, *, mesh: Mesh | None = None, chunk_rows: int = 65536,
            query_batch: int = 1024, dtype: str = "bfloat16", margin: int = 16,
-           exclusion: Exclusion | None = None, progress: bool = False) -> SearchResult:
+           exclusion: Exclusion | None = None, progress: bool = False,
+           max_resident_queries: int | None = 65536, prefilter: str | None = None) -> SearchResult:
   """Top-k gallery rows by inner product for every query (exact; see the module docstring).
 
   Args:
-    queries: [Q, D] float16 / float32 array-like (np.ndarray, np.memmap).
+    queries: [Q, D] float16 / float32 array-like (np.ndarray, np.memmap); every value finite.
     gallery: [G, D]: anything with `.shape` and `gallery[a:b]` -> np array (np.memmap,
-      np.ndarray, ConcatRows); read chunk by chunk, never whole.
+      np.ndarray, ConcatRows); read chunk by chunk, never whole.  Rows holding a NaN or an
+      infinity are never returned (counted in `nonfinite_gallery_rows`).
     k: neighbours per query; k > G is allowed (the extra slots are -1 / -inf).
     mesh: devices to shard each chunk's rows over (all its axes); None: every local device.
     chunk_rows: gallery rows read and searched at a time.
@@ -418,6 +696,10 @@ def search(queries, gallery, k: int, *, mesh: Mesh | None = None, chunk_rows: in
     margin: extra candidates kept per query for the float32 rescoring.
     exclusion: rows each query may not retrieve (Exclusion), or None.
     progress: a tqdm bar over query batches x chunks.
+    max_resident_queries: queries on the devices at a time (rounded down to whole batches, at least
+      one); the gallery is read once per such block.  None: all of them (one gallery pass).
+    prefilter: None, or "bfloat16" with dtype "float32": search in bfloat16, certify each query's
+      top-k with the error bound and search the others again in float32 (same result as float32).
   """
   if not hasattr(queries, "shape"):
     queries = np.asarray(queries)
@@ -439,30 +721,36 @@ def search(queries, gallery, k: int, *, mesh: Mesh | None = None, chunk_rows: in
     raise ValueError(f"k must be an integer >= 1, got {k!r}")
   if dtype not in _DTYPES:
     raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
+  if prefilter not in _PREFILTERS:
+    raise ValueError(f"prefilter must be one of {_PREFILTERS}, got {prefilter!r}")
+  if prefilter is not None and dtype != "float32":
+    raise ValueError(f"prefilter={prefilter!r} certifies float32 results: it needs dtype='float32', got {dtype!r}")
   if not isinstance(margin, (int, np.integer)) or margin < 0:
     raise ValueError(f"margin must be an integer >= 0, got {margin!r}")
   if chunk_rows < 1:
     raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
   if query_batch < 1:
     raise ValueError(f"query_batch must be >= 1, got {query_batch}")
+  if max_resident_queries is not None and max_resident_queries < 1:
+    raise ValueError(f"max_resident_queries must be >= 1 or None, got {max_resident_queries}")
   rules = _check_exclusion(exclusion, num_queries, num_rows)
   k, run_k = int(k), int(k) + int(margin)
   if num_queries == 0:
     return SearchResult(np.zeros((0, k), np.int64), np.zeros((0, k), np.float32),
                         np.zeros((0, len(REASONS)), np.int32), np.zeros((0,), np.int8))
+  _check_queries_finite(queries, num_queries)
 
   if mesh is None:
     mesh = sharding.create_mesh({sharding.MESH_AXES[0]: -1}, jax.local_devices())
   axes = tuple(mesh.axis_names)
   devices = math.prod(mesh.shape[a] for a in axes)
   rows_spec, rep = PartitionSpec(axes), PartitionSpec()
-  chunk_real = min(chunk_rows, num_rows)  # gallery rows per chunk (the stride)
-  chunk = -(-chunk_real // devices) * devices  # [C] padded to a multiple of the devices
-  num_chunks = -(-num_rows // chunk_real)
-  batch = min(query_batch, num_queries)
+  chunk_real, chunk, num_chunks = _chunk_layout(num_rows, chunk_rows, devices, run_k)
+  batch, resident = _batch_layout(num_queries, query_batch, max_resident_queries)
+  device_dtype = "bfloat16" if prefilter == "bfloat16" else dtype
 
   names = tuple(sorted(r for r in ("ids", "groups", "latlng") if f"query_{r}" in rules))
-  step = _chunk_step(mesh, run_k, dtype, names)
+  step = _chunk_step(mesh, run_k, device_dtype, names)
   # Rows travel in their stored type (float16 / bfloat16 / float32; anything else as float32) and
   # are cast to `dtype` on the device: converting on the host costs more than the transfer.
   host_dtype = _transfer_dtype(getattr(gallery, "dtype", np.float32))
@@ -490,16 +778,15 @@ def search(queries, gallery, k: int, *, mesh: Mesh | None = None, chunk_rows: in
 
   query_rules, gallery_rules = device_rule_arrays("query"), device_rule_arrays("gallery")
 
+  starts = list(range(0, num_queries, batch))
+  blocks = [starts[i:i + resident] for i in range(0, len(starts), resident)]
   bar = None
   if progress and jax.process_index() == 0:
     from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-    bar = tqdm(total=-(-num_queries // batch) * num_chunks, desc="search", unit="chunk")
+    bar = tqdm(total=len(starts) * num_chunks, desc="search", unit="chunk")
 
-  out_indices = np.full((num_queries, k), -1, np.int64)
-  out_scores = np.full((num_queries, k), -np.inf, np.float32)
-  out_excluded = np.zeros((num_queries, len(REASONS)), np.int32)
-  out_rank0 = np.zeros((num_queries,), np.int8)
-  empty_run = (np.full((batch, run_k), -np.inf, np.float32), np.full((batch, run_k), -1, np.int32))
+  out = _Outputs(num_queries, k)
+  finisher = _Finisher(queries, gallery, rules, exclusion, k, run_k, device_dtype, dims, names, mesh, out)
 
   def chunk_arrays(c: int):
     start = c * chunk_real
@@ -511,65 +798,231 @@ def search(queries, gallery, k: int, *, mesh: Mesh | None = None, chunk_rows: in
                      _padded_reader(a, start, stop, a.dtype)) for name, a in gallery_rules.items()}
     return g, rows, gx
 
-  # Chunks outside, query batches inside: the gallery is read and sent to the devices once per
-  # call (it is the big side), while every query batch's running top-k stays on the devices.
-  starts = list(range(0, num_queries, batch))
-  placed, states = [], []
-  for q0 in starts:
-    q1 = min(q0 + batch, num_queries)
-    q = _put(mesh, rep, (batch, dims), _padded_reader(queries, q0, q1, query_dtype))
-    qx = {name: _put(mesh, rep, (batch,) + a.shape[1:],
-                     _padded_reader(a, q0, q1, a.dtype)) for name, a in query_rules.items()}
-    kept = tuple(_put(mesh, rep, x.shape, functools.partial(lambda x, lo, hi: x[lo:hi], x)) for x in empty_run)
-    excluded = kept + (_put(mesh, rep, (batch, run_k), lambda lo, hi: np.zeros((hi - lo, run_k), np.int32)),)
-    placed.append((q, qx))
-    states.append((kept, excluded))
-  for c in range(num_chunks):
-    g, rows, gx = chunk_arrays(c)
-    for i, (q, qx) in enumerate(placed):
-      states[i] = step(q, g, rows, qx, gx, dup, *states[i])
-      if bar is not None:
-        bar.update(1)
-  for q0, (kept, excluded) in zip(starts, states):
-    q1 = min(q0 + batch, num_queries)
-    query_host = np.asarray(queries[q0:q1])  # [b, D]: rescored from this
-    _finish(query_host, q0, gallery, rules, exclusion, k,
-            [np.asarray(x.addressable_data(0))[:q1 - q0] for x in kept],
-            [np.asarray(x.addressable_data(0))[:q1 - q0] for x in excluded] if names else None,
-            out_indices, out_scores, out_excluded, out_rank0)
+  def initial_state():
+    lists = lambda n: tuple(_put(mesh, rep, (batch, run_k), functools.partial(  # noqa: E731
+        lambda fill, dt, lo, hi: np.full((hi - lo, run_k), fill, dt), fill, dt))
+        for fill, dt in ((-np.inf, np.float32), (-1, np.int32), (0, np.int32))[:n])
+    stats = (_put(mesh, rep, (), lambda lo, hi: np.zeros((), np.int32)),
+             _put(mesh, rep, (), lambda lo, hi: np.zeros((), np.float32)))
+    return lists(2), lists(3) if names else (), stats
+
+  pending = None  # the previous block's device results, finished while this block's steps run
+  for block in blocks:
+    placed, states = [], []
+    for q0 in block:
+      q1 = min(q0 + batch, num_queries)
+      q = _put(mesh, rep, (batch, dims), _padded_reader(queries, q0, q1, query_dtype))
+      qx = {name: _put(mesh, rep, (batch,) + a.shape[1:],
+                       _padded_reader(a, q0, q1, a.dtype)) for name, a in query_rules.items()}
+      placed.append((q, qx))
+      states.append(initial_state())
+    previous_chunk = None
+    for c in range(num_chunks):
+      g, rows, gx = chunk_arrays(c)
+      for i, (q, qx) in enumerate(placed):
+        states[i] = step(q, g, rows, qx, gx, dup, *states[i])
+        if bar is not None:
+          bar.update(1)
+      if previous_chunk is not None:  # at most two chunks on the devices: wait for the older one
+        jax.block_until_ready(previous_chunk)
+      previous_chunk = states[-1][2]  # the statistics of its last step (not donated)
+      if c == 0 and pending is not None:
+        finisher.finish(*pending)
+        pending = None
+    pending = (block, [(min(q0 + batch, num_queries), s) for q0, s in zip(block, states)])
+  finisher.finish(*pending)
   if bar is not None:
     bar.close()
-  return SearchResult(out_indices, out_scores, out_excluded, out_rank0)
+
+  result = out.result(finisher.nonfinite_rows)
+  uncertified = np.flatnonzero(finisher.uncertified)
+  if prefilter is None:
+    result.uncertified_queries = int(uncertified.size)
+    return result
+  # bfloat16 pre-filter: the queries it could not certify, searched again in float32.
+  result.fallback_queries = int(uncertified.size)
+  if uncertified.size:
+    sub_exclusion = None
+    if exclusion is not None:
+      sub_exclusion = dataclasses.replace(exclusion, **{
+          f"query_{r}": np.asarray(getattr(exclusion, f"query_{r}"))[uncertified]
+          for r in ("ids", "groups", "latlng") if getattr(exclusion, f"query_{r}") is not None})
+    fallback_batch = min(batch, 1 << max(3, int(uncertified.size - 1).bit_length()))
+    again = search(np.asarray(queries[uncertified]) if isinstance(queries, np.ndarray)
+                   else np.stack([np.asarray(queries[int(i)]) for i in uncertified]),
+                   gallery, k, mesh=mesh, chunk_rows=chunk_rows, query_batch=fallback_batch, dtype="float32",
+                   margin=margin, exclusion=sub_exclusion, max_resident_queries=max_resident_queries)
+    result.indices[uncertified] = again.indices
+    result.scores[uncertified] = again.scores
+    result.excluded_in_top_k[uncertified] = again.excluded_in_top_k
+    result.rank0_reason[uncertified] = again.rank0_reason
+    result.uncertified_queries = again.uncertified_queries
+  return result
 
 
+class _Outputs:
+  """The result arrays, filled block by block."""
 
-def _finish(query_host: np.ndarray, q0: int, gallery, rules: dict[str, np.ndarray], exclusion: Exclusion | None,
-            k: int, kept: list[np.ndarray], excluded: list[np.ndarray] | None, out_indices: np.ndarray,
-            out_scores: np.ndarray, out_excluded: np.ndarray, out_rank0: np.ndarray) -> None:
-  """Host side of one query batch: fp32 rescoring, exact reasons, ordering, outputs [q0, q0 + b)."""
-  rows = kept[1].astype(np.int64)  # [b, run_k]
-  if excluded is not None:
-    rows = np.concatenate([rows, excluded[1].astype(np.int64)], axis=1)  # [b, 2 run_k]
-  b = rows.shape[0]
-  scores = _rescore(query_host, gallery, rows)  # [b, C]
-  valid = rows >= 0
-  if excluded is not None:
-    reason = _host_reasons(rules, exclusion, np.arange(q0, q0 + b), np.where(valid, rows, 0), scores)
-    reason[~valid] = 0
-  else:
-    reason = np.zeros(rows.shape, np.int8)
-  sort_rows = np.where(valid, rows, np.iinfo(np.int64).max)  # invalid slots last
-  # Kept rows first, each group by (-score, row).
-  order = _order(scores, sort_rows, first=(reason != KEPT) | ~valid)[:, :k]  # [b, <=k]
-  picked_rows = np.take_along_axis(rows, order, axis=1)
-  picked_ok = np.take_along_axis(valid & (reason == KEPT), order, axis=1)
-  width = order.shape[1]
-  out_indices[q0:q0 + b, :width] = np.where(picked_ok, picked_rows, -1)
-  out_scores[q0:q0 + b, :width] = np.where(picked_ok, np.take_along_axis(scores, order, axis=1), -np.inf)
-  if excluded is not None:
-    unfiltered = _order(scores, sort_rows, first=~valid)[:, :k]  # [b, <=k]: the unfiltered top-k
-    top_reason = np.where(np.take_along_axis(valid, unfiltered, axis=1),
-                          np.take_along_axis(reason, unfiltered, axis=1), 0)  # [b, <=k]
-    for code in range(1, len(REASONS) + 1):
-      out_excluded[q0:q0 + b, code - 1] = np.sum(top_reason == code, axis=1)
-    out_rank0[q0:q0 + b] = top_reason[:, 0]
+  def __init__(self, num_queries: int, k: int):
+    self.indices = np.full((num_queries, k), -1, np.int64)
+    self.scores = np.full((num_queries, k), -np.inf, np.float32)
+    self.excluded = np.zeros((num_queries, len(REASONS)), np.int32)
+    self.rank0 = np.zeros((num_queries,), np.int8)
+
+  def result(self, nonfinite_rows: int) -> SearchResult:
+    return SearchResult(self.indices, self.scores, self.excluded, self.rank0,
+                        nonfinite_gallery_rows=int(nonfinite_rows))
+
+
+class _Finisher:
+  """Host side of each block of queries: bounded fp32 rescoring, exact reasons, ordering, outputs,
+  certification.  With a mesh spanning several processes, each process finishes a share of the
+  block's queries and the shares are all-gathered."""
+
+  def __init__(self, queries, gallery, rules, exclusion, k, run_k, dtype, dims, names, mesh, out: _Outputs):
+    self.queries, self.gallery, self.rules, self.exclusion = queries, gallery, rules, exclusion
+    self.k, self.run_k, self.dtype, self.dims, self.names, self.out = k, run_k, dtype, dims, names, out
+    self.uncertified = np.zeros(out.indices.shape[0], bool)
+    self.nonfinite_rows = 0
+    processes = {d.process_index for d in mesh.devices.flat}
+    self.shared = len(processes) > 1
+    self.processes = sorted(processes)
+
+  def finish(self, block: list[int], batches: list[tuple[int, Any]]) -> None:
+    fetch = lambda x: np.asarray(x.addressable_data(0))  # noqa: E731  (replicated: every process has it)
+    q0, q1 = block[0], batches[-1][0]
+    kept = [np.concatenate([fetch(s[0][i]) for _, s in batches])[:q1 - q0] for i in range(2)]
+    excluded = ([np.concatenate([fetch(s[1][i]) for _, s in batches])[:q1 - q0] for i in range(3)]
+                if self.names else None)
+    stats = batches[0][1][2]
+    self.nonfinite_rows = int(fetch(stats[0]))
+    max_norm = float(np.sqrt(np.float64(fetch(stats[1])))) * (1 + 1e-5)
+    lo, hi = q0, q1
+    if self.shared:
+      share = -(-(q1 - q0) // len(self.processes))
+      position = self.processes.index(jax.process_index())
+      lo, hi = q0 + min(position * share, q1 - q0), q0 + min((position + 1) * share, q1 - q0)
+    local = slice(lo - q0, hi - q0)
+    results = self._finish(lo, hi, [x[local] for x in kept],
+                           [x[local] for x in excluded] if excluded is not None else None, max_norm)
+    if self.shared:
+      results = self._all_gather(results, q1 - q0, share)
+      lo, hi = q0, q1
+    indices, scores, excluded_counts, rank0, uncertified = results
+    self.out.indices[lo:hi] = indices
+    self.out.scores[lo:hi] = scores
+    self.out.excluded[lo:hi] = excluded_counts
+    self.out.rank0[lo:hi] = rank0
+    self.uncertified[lo:hi] = uncertified
+
+  def _all_gather(self, results, total: int, share: int):
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    indices, scores, excluded, rank0, uncertified = results
+    n = indices.shape[0]
+    pad = lambda x, fill: np.concatenate([x, np.full((share - n,) + x.shape[1:], fill, x.dtype)])  # noqa: E731
+    packed = np.concatenate([pad(indices.astype(np.int32), -1), pad(excluded.astype(np.int32), 0),
+                             pad(rank0.astype(np.int32)[:, None], 0),
+                             pad(uncertified.astype(np.int32)[:, None], 0)], axis=1)  # [share, k + 5]
+    every = np.asarray(multihost_utils.process_allgather(packed)).reshape(-1, packed.shape[1])[:total]
+    every_scores = np.asarray(multihost_utils.process_allgather(pad(scores, -np.inf))).reshape(
+        -1, scores.shape[1])[:total]
+    k = indices.shape[1]
+    return (every[:, :k].astype(np.int64), every_scores, every[:, k:k + 3], every[:, k + 3].astype(np.int8),
+            every[:, k + 4].astype(bool))
+
+  def _finish(self, q0: int, q1: int, kept: list[np.ndarray], excluded: list[np.ndarray] | None,
+              max_norm: float):
+    k, b = self.k, q1 - q0
+    query_host = np.asarray(self.queries[q0:q1])  # [b, D]: rescored from this
+    if query_host.dtype not in (np.float16, np.float32, np.float64):
+      query_host = query_host.astype(np.float32)
+    fast = kept[0]
+    rows = kept[1].astype(np.int64)  # [b, run_k]
+    full = [np.all(kept[1] >= 0, axis=1)]
+    minimum = [kept[0][:, -1].astype(np.float64)]
+    if excluded is not None:
+      fast = np.concatenate([fast, excluded[0]], axis=1)
+      rows = np.concatenate([rows, excluded[1].astype(np.int64)], axis=1)  # [b, 2 run_k]
+      full.append(np.all(excluded[1] >= 0, axis=1))
+      minimum.append(excluded[0][:, -1].astype(np.float64))
+    valid = rows >= 0
+    safe_rows = np.where(valid, rows, 0)
+    norms = np.linalg.norm(query_host.astype(np.float64), axis=1)
+    bound = _error_bound(self.dtype, self.dims, norms, max_norm)[:, None]  # [b, 1]
+    fast = fast.astype(np.float64)
+    exact = np.full(rows.shape, np.nan, np.float32)
+    query_rows = np.arange(q0, q1)
+
+    def rescore(need):
+      need = need & valid & np.isnan(exact)
+      if need.any():
+        fresh = _rescore(query_host, self.gallery, rows, need)
+        exact[need] = fresh[need]
+
+    if excluded is not None:
+      # Reasons that do not depend on the score; near duplicates near the similarity threshold need
+      # the exact score.
+      reason = _host_reasons({n: a for n, a in self.rules.items() if "latlng" not in n}, self.exclusion,
+                             query_rows, safe_rows, fast)
+      near = np.zeros(rows.shape, bool)
+      if "query_latlng" in self.rules:
+        km = _haversine_km(self.rules["query_latlng"][query_rows][:, None], self.rules["gallery_latlng"][safe_rows])
+        near = valid & (km <= self.exclusion.duplicate_km)
+        similarity = self.exclusion.duplicate_similarity
+        rescore(near & (np.abs(fast - similarity) <= bound))
+    else:
+      reason = np.zeros(rows.shape, np.int8)
+
+    def scores_now():
+      return np.where(np.isnan(exact), fast, exact)
+
+    def reasons_now():
+      r = reason.copy()
+      if excluded is not None and "query_latlng" in self.rules:
+        r[near & (scores_now() >= self.exclusion.duplicate_similarity) & (reason != SAME_ID)] = NEAR_DUPLICATE
+      return np.where(valid, r, 0)
+
+    reasons = reasons_now()
+    kept_mask = valid & (reasons == KEPT)
+    # Only candidates within 2E of the k-th (kept, and unfiltered) can reach the top k.
+    kth_kept = _kth_largest(fast, kept_mask, k)[:, None]
+    need = kept_mask & (fast >= kth_kept - 2 * bound)
+    if excluded is not None:
+      kth_all = _kth_largest(fast, valid, k)[:, None]
+      need |= valid & (fast >= kth_all - 2 * bound)
+    rescore(need)
+    scores = scores_now()
+    reasons = reasons_now()
+    kept_mask = valid & (reasons == KEPT)
+
+    # Certified when no row outside the lists can reach the top k: every such row's device score is
+    # at most the smallest device score of a full list, so its exact one is below that + E.
+    threshold = np.full(b, -np.inf)
+    for is_full, low in zip(full, minimum):
+      threshold = np.where(is_full, np.maximum(threshold, low), threshold)
+    threshold = threshold + bound[:, 0]
+    certified = _kth_largest(scores, kept_mask, k) > threshold
+    if excluded is not None:
+      certified &= _kth_largest(scores, valid, k) > threshold
+    certified |= np.isneginf(threshold)
+
+    scores32 = np.where(valid, scores, -np.inf).astype(np.float32)
+    sort_rows = np.where(valid, rows, np.iinfo(np.int64).max)  # invalid slots last
+    # Kept rows first, each group by (-score, row).
+    order = _order(scores32, sort_rows, first=~kept_mask)[:, :k]  # [b, <=k]
+    width = order.shape[1]
+    indices = np.full((b, k), -1, np.int64)
+    best = np.full((b, k), -np.inf, np.float32)
+    picked_ok = np.take_along_axis(kept_mask, order, axis=1)
+    indices[:, :width] = np.where(picked_ok, np.take_along_axis(rows, order, axis=1), -1)
+    best[:, :width] = np.where(picked_ok, np.take_along_axis(scores32, order, axis=1), -np.inf)
+    excluded_counts = np.zeros((b, len(REASONS)), np.int32)
+    rank0 = np.zeros(b, np.int8)
+    if excluded is not None:
+      unfiltered = _order(scores32, sort_rows, first=~valid)[:, :k]  # [b, <=k]: the unfiltered top-k
+      top_reason = np.where(np.take_along_axis(valid, unfiltered, axis=1),
+                            np.take_along_axis(reasons, unfiltered, axis=1), 0)  # [b, <=k]
+      for code in range(1, len(REASONS) + 1):
+        excluded_counts[:, code - 1] = np.sum(top_reason == code, axis=1)
+      rank0 = top_reason[:, 0].astype(np.int8)
+    return indices, best, excluded_counts, rank0, ~certified

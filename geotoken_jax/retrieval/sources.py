@@ -13,14 +13,35 @@ A run with retrieval has a `retrieval` block (configs/earth.py:retrieval, config
   dropout, shuffle    training-time neighbour noise (join.RetrievalSource)
 Relative paths are relative to the run's workdir, so one folder holds the whole
 retrieval-augmented model: its checkpoints, its aligner, its gallery, its lists.
+
+What is refused (each error names what differs, both values and the fix):
+  lists searched with other result settings than the retrieval block (join.RESULT_SETTINGS:
+    fields, search_k, dtype, margin, same_id, duplicate_km, duplicate_similarity, group),
+    or in other embeddings than the stores hold now (checksums)        wrap_source
+  a store a run needs, or its lists, missing or incomplete; a split's store written by
+    another aligner (step, parameter checksum) than the gallery's       check_inputs (the
+                                                                          trainer, before step 1)
+  a gallery written by another aligner than the one online retrieval restores
+                                                                        check_gallery_aligner
 """
 
 from __future__ import annotations
 
+import json
+
 from etils import epath
 
 from geotoken_jax import data, embeddings, s2
+from geotoken_jax.models import geotoken
 from geotoken_jax.retrieval import join, neighbors
+
+
+class MissingInputsError(FileNotFoundError):
+  """Embedding stores or neighbour lists a run reads are missing or incomplete."""
+
+
+class AlignerMismatchError(ValueError):
+  """Embeddings written by another aligner than the one they are compared with."""
 
 
 def enabled(config) -> bool:
@@ -58,6 +79,84 @@ def has_lists(config, workdir, split: str) -> bool:
   return (neighbors_dir(config, workdir, split) / neighbors.MANIFEST).exists()
 
 
+def reads_features(config) -> bool:
+  """Does the run's model read embedding features (join.FEATURE_FIELDS)?  The feature encoder
+  does; an image encoder with a neighbour memory reads the neighbours' tokens and scores only
+  (models.geotoken.input_keys), so its batches carry no features."""
+  return bool(set(join.FEATURE_FIELDS) & set(geotoken.input_keys(config.model)))
+
+
+# ---------------------------------------------------------------------------
+# What a run reads, checked before it starts.
+
+
+def _manifest_problem(directory, what: str) -> str | None:
+  path = epath.Path(directory) / neighbors.MANIFEST
+  if not path.exists():
+    return f"{what}: {directory} (no {neighbors.MANIFEST})"
+  try:
+    manifest = json.loads(path.read_text())
+  except (OSError, ValueError) as e:
+    return f"{what}: {path} cannot be read ({type(e).__name__}: {e})"
+  if not manifest.get("complete"):
+    return f"{what}: {directory} is incomplete (an interrupted run: rerun it to finish)"
+  return None
+
+
+def missing_inputs(config, workdir, splits) -> list[str]:
+  """One line per embedding store (the gallery's and each split's) and neighbour list set (each
+  split's) that a run reading `splits` needs and that is missing or incomplete."""
+  gallery = str(config.retrieval.gallery)
+  problems = [_manifest_problem(embeddings_dir(config, workdir, split), f"embeddings of {split!r}")
+              for split in dict.fromkeys([gallery, *splits])]
+  problems += [_manifest_problem(neighbors_dir(config, workdir, split), f"neighbour lists of {split!r}")
+               for split in dict.fromkeys(splits)]
+  return [p for p in problems if p]
+
+
+def check_inputs(config, workdir, splits) -> None:
+  """Every store and list set a run reading `splits` needs exists and is complete (naming each
+  that is not), and every split's store was written by the gallery's aligner (step, parameter
+  checksum).  Settings and checksums are checked as each split's source is built (wrap_source)."""
+  problems = missing_inputs(config, workdir, splits)
+  if problems:
+    raise MissingInputsError(
+        f"this run reads embeddings and neighbour lists of {list(dict.fromkeys(splits))} "
+        f"(gallery {str(config.retrieval.gallery)!r}) that are missing or incomplete:\n  - "
+        + "\n  - ".join(problems)
+        + "\nBuild them first: the recipe (python -m geotoken_jax.train --config with a `recipe` block, e.g. "
+        "configs/paper.py) runs the embed and index stages; or python -m geotoken_jax.embed for each store "
+        "and python -m geotoken_jax.index --config CONFIG --workdir WORKDIR")
+  gallery = str(config.retrieval.gallery)
+  reference = embeddings.aligner_identity(embeddings.open_embeddings(embeddings_dir(config, workdir, gallery)).manifest)
+  for split in dict.fromkeys(splits):
+    if split == gallery:
+      continue
+    directory = embeddings_dir(config, workdir, split)
+    other = embeddings.aligner_identity(embeddings.open_embeddings(directory).manifest)
+    differing = [f"{key}: gallery {reference.get(key)!r}, {split} {other.get(key)!r}" for key in ("step", "params")
+                 if reference.get(key) != other.get(key)]
+    if differing:
+      raise AlignerMismatchError(
+          f"the embeddings of {split!r} ({directory}) were written by another aligner than the gallery's "
+          f"({'; '.join(differing)}): its queries would be searched in another embedding space. Re-embed with "
+          "one aligner: rerun the recipe (it re-embeds stores another aligner wrote), or "
+          "python -m geotoken_jax.embed --overwrite, then the index job")
+
+
+def check_gallery_aligner(store, identity: dict) -> None:
+  """Refuses a gallery store written by another aligner (step, parameter checksum) than
+  `identity` (RestoredModel.identity() of the aligner that embeds the queries)."""
+  differing = embeddings.aligner_differences(embeddings.aligner_identity(store.manifest), identity,
+                                             keys=embeddings.ALIGNER_CONTENT_KEYS)
+  if differing:
+    raise AlignerMismatchError(
+        f"the gallery {store.directory} was embedded by another aligner than {identity.get('workdir')} holds "
+        f"now ({'; '.join(differing)}): queries embedded by it would be searched in another embedding space. "
+        "Re-embed the gallery and rebuild the lists: rerun the recipe (it re-embeds stores another aligner "
+        "wrote), or python -m geotoken_jax.embed --overwrite and python -m geotoken_jax.index --overwrite")
+
+
 def wrap_source(config, workdir, split: str, source, spec: s2.TokenSpec, *,
                 gallery: join.NeighborGallery | None = None, training: bool = False,
                 keep_image: bool = True) -> join.RetrievalSource:
@@ -70,15 +169,18 @@ def wrap_source(config, workdir, split: str, source, spec: s2.TokenSpec, *,
     raise FileNotFoundError(f"split {split!r} has no neighbours yet ({e}). Build them with the recipe "
                             "(python -m geotoken_jax.recipe) or the embed and index commands") from None
   r = config.retrieval
+  # Lists whose settings differ from the config's are refused (join.check_list_settings), and
+  # the batches carry features only for a model that reads them.
   return join.RetrievalSource(source, query_store=query_store, neighbors=lists, gallery=gallery, k=int(r.k),
                               dropout=float(r.get("dropout", 0.0)) if training else 0.0,
                               shuffle=bool(r.get("shuffle", False)) if training else False,
-                              seed=int(config.seed), keep_image=keep_image, name=split, training=training)
+                              seed=int(config.seed), keep_image=keep_image, name=split, training=training,
+                              features=reads_features(config), settings=neighbors.settings_from_config(r))
 
 
 def get_source(config, workdir, split: str, spec: s2.TokenSpec, *, seed: int = 0, gallery=None):
   """data.get_source(config.data, split), with neighbours attached when the config retrieves."""
-  source = data.get_source(config.data, split, spec, seed=seed)
+  source = data.get_source(config.data, split, spec, seed=seed, resize=data.image_resize_mode(config))
   if not enabled(config):
     return source
   keep_image = str(config.model.get("encoder", "")) != "features"
