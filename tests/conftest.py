@@ -30,3 +30,17 @@ def haversine_m(a, b):
   h = (np.sin((b[..., 0] - a[..., 0]) / 2) ** 2
        + np.cos(a[..., 0]) * np.cos(b[..., 0]) * np.sin((b[..., 1] - a[..., 1]) / 2) ** 2)
   return 2 * 6_371_008.8 * np.arcsin(np.sqrt(np.minimum(h, 1.0)))
+
+
+@pytest.fixture(scope="session")
+def trained_smoke_run(tmp_path_factory):
+  """configs/earth.py:smoke trained for 8 steps (test_train.smoke_run_config: dropout 0.1, a
+  checkpoint every 2 steps, 4, 6 and 8 kept), once per session: the uninterrupted run that the
+  resume tests compare against.  Read-only; its users share the xdist_group "trained_smoke_run",
+  so that one worker trains it once."""
+  from geotoken_jax import trainer  # pylint: disable=g-import-not-at-top
+  from test_train import smoke_run_config  # pylint: disable=g-import-not-at-top
+
+  path = tmp_path_factory.mktemp("trained_smoke_run")
+  trainer.train_and_evaluate(smoke_run_config(), str(path))
+  return path

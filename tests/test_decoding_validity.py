@@ -42,6 +42,23 @@ def tiny(spec: s2.TokenSpec, sharpness: float = 3.0):
   return model
 
 
+@functools.lru_cache(maxsize=None)
+def jitted(fn, *static_argnums):
+  """fn compiled once per static arguments and input shapes: an eager call compiles each of its
+  primitives again for every new shape, which costs far more than the computation here."""
+  return jax.jit(fn, static_argnums=static_argnums)
+
+
+def teacher_forced(model, inputs, tokens):
+  """model(inputs, tokens, deterministic=True), compiled as one program."""
+  graphdef, state = nnx.split(model)
+  return jitted(_teacher_forced, 0)(graphdef, state, inputs, tokens)
+
+
+def _teacher_forced(graphdef, state, inputs, tokens):
+  return nnx.merge(graphdef, state)(inputs, tokens, deterministic=True)
+
+
 def images(batch, seed=0):
   return {"image": np.random.default_rng(seed).integers(0, 256, (batch, IMAGE, IMAGE, 3)).astype(np.uint8)}
 
@@ -70,7 +87,7 @@ def masked_per_position(model, spec, inputs, trie=None, temperature=1.0):
   batch, n, p_total = inputs["image"].shape[0], len(seqs_all), spec.num_positions
   seqs = np.tile(seqs_all, (batch, 1))
   rep = {"image": np.repeat(inputs["image"], n, axis=0)}
-  logits = np.asarray(model(rep, jnp.asarray(seqs), deterministic=True), np.float64) / temperature
+  logits = np.asarray(teacher_forced(model, rep, jnp.asarray(seqs)), np.float64) / temperature
   logits = logits.reshape(batch, n, p_total, -1)
   prefixes = allowed_prefixes(trie, spec)
   allowed = np.zeros(logits.shape, bool)
@@ -132,8 +149,8 @@ def test_beam_wider_than_first_vocab_without_trie(spec, width):
     np.testing.assert_array_equal(tokens[b], [k for k, _ in expected[b]])
     np.testing.assert_allclose(scores[b], [s for _, s in expected[b]], atol=1e-4)
   # The plain call keeps its (tokens, scores) return.
-  memory = model.encode(inputs)
-  plain = decoding.beam_search(model.decode_step, model.init_cache(memory, width), 3, spec.num_positions, width)
+  plain = jax.jit(lambda inputs: decoding.beam_search(
+      model.decode_step, model.init_cache(model.encode(inputs), width), 3, spec.num_positions, width))(inputs)
   assert len(plain) == 2
   np.testing.assert_array_equal(plain[0], tokens)
 
@@ -198,7 +215,7 @@ def test_decode_pool_clamps_beam_width_to_the_trie():
     np.testing.assert_allclose(pool["log_prob"][b], [s for _, s in expected[b]], atol=1e-4)
     assert (pool["tokens"][b, :, 0] < 6).all()
   for rule in POOL_RULES:
-    chosen = {k: np.asarray(v) for k, v in strategies.choose(pool, rule, 5).items()}
+    chosen = {k: np.asarray(v) for k, v in jitted(strategies.choose, 1, 2)(pool, rule, 5).items()}
     for b in range(4):
       cells = {tuple(t) for t in pool["tokens"][b]}
       assert cells == set(TRIE3)
@@ -298,8 +315,9 @@ def test_rules_ignore_invalid_entries(rule):
   assert np.isfinite(point).all()
   for b in range(tokens.shape[0]):
     keep = np.flatnonzero(valid[b])
-    ref = select(rule, jnp.asarray(tokens[b:b + 1, keep]), jnp.asarray(log_probs[b:b + 1, keep]),
-                 jnp.asarray(latlng[b:b + 1, keep]), None, None if scores is None else scores[b:b + 1, keep])
+    # The reference pools come in many sizes: compiled once per size rather than op by op.
+    ref = jitted(select, 0)(rule, jnp.asarray(tokens[b:b + 1, keep]), jnp.asarray(log_probs[b:b + 1, keep]),
+                            jnp.asarray(latlng[b:b + 1, keep]), None, None if scores is None else scores[b:b + 1, keep])
     ref_index = int(ref.index[0])
     assert index[b] == (keep[ref_index] if ref_index >= 0 else -1)
     np.testing.assert_allclose(point[b], np.asarray(ref.latlng[0]), atol=1e-3)
@@ -314,9 +332,10 @@ def test_top_candidates_ignore_invalid_entries():
   tokens, log_probs, latlng, valid = random_pools(seed=3)
   index, prob = (np.asarray(x) for x in top_candidates(jnp.asarray(tokens), jnp.asarray(log_probs), 6,
                                                         jnp.asarray(valid)))
+  top_jit = jitted(top_candidates, 2)  # the reference pools come in many sizes: one program per size
   for b in range(tokens.shape[0]):
     keep = np.flatnonzero(valid[b])
-    ref_index, ref_prob = (np.asarray(x[0]) for x in top_candidates(
+    ref_index, ref_prob = (np.asarray(x[0]) for x in top_jit(
         jnp.asarray(tokens[b:b + 1, keep]), jnp.asarray(log_probs[b:b + 1, keep]), 6))
     np.testing.assert_array_equal(index[b], np.where(ref_index >= 0, keep[np.maximum(ref_index, 0)], -1))
     np.testing.assert_allclose(prob[b], ref_prob, atol=1e-6)

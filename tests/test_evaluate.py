@@ -266,36 +266,46 @@ def test_decode_benchmark_prints_json(capsys):
     assert result["bench"] == "decode" and result["images_per_s"] > 0
 
 
-def test_evaluate_cli(workdir):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  out = workdir / "cli_out"
-  done = subprocess.run([sys.executable, "-m", "geotoken_jax.evaluate", "--config",
-                         os.path.join(REPO, "configs/earth.py:smoke"), "--workdir", str(workdir),
-                         "--strategies", "greedy,beam:2", "--limit", "8", "--output_dir", str(out),
-                         "--noplots", "--config.evaluate.batch_size=8"],
-                        env=env, capture_output=True, text=True, timeout=600)
+def _evaluate_command(workdir, out):
+  """The evaluation job as a command: a beam and a sample pool on 18 images (2 batches of 8 and a padded one)."""
+  return [sys.executable, "-m", "geotoken_jax.evaluate", "--config", os.path.join(REPO, "configs/earth.py:smoke"),
+          "--workdir", str(workdir), "--strategies", "beam:2,sample:3:0.7:vote", "--limit", "18",
+          "--output_dir", str(out), "--noplots", "--config.evaluate.batch_size=8"]
+
+
+def _command_env(**overrides):
+  return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+              **overrides)
+
+
+@pytest.fixture(scope="module")
+def evaluated_by_the_command(workdir):
+  """python -m geotoken_jax.evaluate in 1 process x 4 devices (one run, two tests: the command
+  line itself, and the 1-process result the 2-process run must reproduce)."""
+  out = workdir / "command_one_process"
+  done = subprocess.run(_evaluate_command(workdir, out),
+                        env=_command_env(XLA_FLAGS="--xla_force_host_platform_device_count=4"),
+                        capture_output=True, text=True, timeout=600)
+  return done, out
+
+
+def test_evaluate_cli(evaluated_by_the_command):
+  done, out = evaluated_by_the_command
   assert done.returncode == 0, done.stderr[-3000:]
   assert "| beam:2 |" in done.stdout and os.path.exists(out / "results.md")
 
 
-def test_two_processes_evaluate_like_one(workdir, tmp_path):
+def test_two_processes_evaluate_like_one(workdir, tmp_path, evaluated_by_the_command):
   """2 localhost processes x 2 devices (jax.distributed, gloo) write the predictions of 1 process."""
-  def command(out):
-    return [sys.executable, "-m", "geotoken_jax.evaluate", "--config", os.path.join(REPO, "configs/earth.py:smoke"),
-            "--workdir", str(workdir), "--strategies", "beam:2,sample:3:0.7:vote", "--limit", "18",
-            "--output_dir", str(out), "--noplots", "--config.evaluate.batch_size=8"]
-
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  single = subprocess.run(command(tmp_path / "one"), env=dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=4"),
-                          capture_output=True, text=True, timeout=600)
+  single, one_dir = evaluated_by_the_command
   assert single.returncode == 0, single.stderr[-3000:]
-  multi = subprocess.run(["bash", os.path.join(REPO, "launch/local.sh"), "2", "2", "--", *command(tmp_path / "two")],
-                         env=dict(env, LOGDIR=str(tmp_path), XLA_FLAGS="--xla_force_host_platform_device_count=2"),
+  multi = subprocess.run(["bash", os.path.join(REPO, "launch/local.sh"), "2", "2", "--",
+                          *_evaluate_command(workdir, tmp_path / "two")],
+                         env=_command_env(LOGDIR=str(tmp_path), XLA_FLAGS="--xla_force_host_platform_device_count=2"),
                          capture_output=True, text=True, timeout=600)
   assert multi.returncode == 0, multi.stdout[-3000:] + multi.stderr[-3000:]
   for name in ("beam-2", "sample-3-0.7-vote"):
-    one = inference.read_predictions(str(tmp_path / "one" / "predictions" / f"{name}.jsonl"))
+    one = inference.read_predictions(str(one_dir / "predictions" / f"{name}.jsonl"))
     two = inference.read_predictions(str(tmp_path / "two" / "predictions" / f"{name}.jsonl"))
     assert len(one) == len(two) == 18  # 18 = 2 batches of 8 and a padded one
     assert [r["id"] for r in one] == [r["id"] for r in two]

@@ -416,3 +416,244 @@ def test_bad_arguments_raise(kwargs, match):
   args.update(kwargs)
   with pytest.raises(ValueError, match=match):
     search(args.pop("queries"), args.pop("gallery"), **args)
+
+
+# ----------------------------------------------------------------------------- block-max selection
+
+
+def _stable_top(values, count):
+  """numpy oracle of a stable top-k along axis 1: (values, positions), ties to the lower position."""
+  order = np.argsort(-values, axis=1, kind="stable")[:, :count]
+  return np.take_along_axis(values, order, axis=1), order
+
+
+@pytest.mark.parametrize("batch, cols, count, levels", [
+    (7, 4096, 16, 3),      # heavy ties: 3 distinct values
+    (5, 4096, 16, 50),
+    (4, 2048, 5, 2),       # count not a power of two
+    (6, 1536, 32, 1000),   # cols not a power of two: the block width is the largest dividing one
+    (3, 1000, 2000, 4),    # count > cols: everything, in order
+])
+def test_select_top_equals_a_stable_top_k_with_ties(batch, cols, count, levels):
+  rng = np.random.default_rng(cols + count)
+  scores = rng.integers(0, levels, (batch, cols)).astype(np.float32)
+  scores[rng.random((batch, cols)) < 0.2] = -np.inf
+  scores[0] = -np.inf  # a query with nothing valid
+  if cols >= 16 * min(count, cols):
+    assert search_module._block_width(cols, min(count, cols)) > 1  # the block path is the one tested
+  values, positions = jax.jit(lambda s: search_module._select_top(s, count))(scores)
+  expected_values, expected_positions = _stable_top(scores, min(count, cols))
+  np.testing.assert_array_equal(np.asarray(values), expected_values)
+  np.testing.assert_array_equal(np.asarray(positions), expected_positions)
+
+
+def test_select_top_applies_the_mask_in_both_passes():
+  """A masked copy never materialized: the mask and a per-column array must reach the block
+  maxima and the chosen blocks alike (here a -inf bias on every third column)."""
+  rng = np.random.default_rng(12)
+  scores = rng.integers(0, 4, (9, 2048)).astype(np.float32)
+  bias = np.where(np.arange(2048) % 3 == 0, -np.inf, 0.0).astype(np.float32)
+  masked = lambda s, cols: s + cols[0]  # noqa: E731
+  values, positions = jax.jit(lambda s, b: search_module._select_top(s, 24, masked, [b]))(scores, bias)
+  expected_values, expected_positions = _stable_top(scores + bias, 24)
+  np.testing.assert_array_equal(np.asarray(values), expected_values)
+  np.testing.assert_array_equal(np.asarray(positions), expected_positions)
+  assert (np.asarray(positions) % 3 != 0).all()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_block_selection_in_search_with_duplicated_rows(dtype):
+  """Chunks wide enough for the block pre-selection, on one device: many exact ties across blocks,
+  chunks and the padding, against the brute force."""
+  rng = np.random.default_rng(13)
+  base = _normalized(rng, 40, 16)
+  gallery = base[rng.integers(0, 40, 3000)]  # ~75 copies of each row
+  queries = np.concatenate([base[:6], _normalized(rng, 5, 16)])
+  one = sharding.create_mesh({"data": 1}, jax.devices()[:1])
+  _, chunk, _ = search_module._chunk_layout(3000, 1300, 1, 9 + 7)
+  assert search_module._block_width(chunk, 16) > 1
+  result = search(queries, gallery, 9, mesh=one, chunk_rows=1300, query_batch=8, dtype=dtype, margin=7)
+  _assert_matches(result, brute_force(queries, gallery, 9), 9)
+  assert (np.diff(result.indices[:6], axis=1) > 0).all()  # each query's copies, in increasing rows
+
+
+# ----------------------------------------------------------------------------- exact float32 results
+
+
+def _near_ties(seed, q=12, groups=150, copies=4, d=48):
+  """Groups of `copies` gallery rows equal up to ~1e-7 (a few float32 ulps): their scores are
+  within float32 rounding of each other, so a float32 matmul's order is not the float64 one."""
+  rng = np.random.default_rng(seed)
+  base = _normalized(rng, groups, d).astype(np.float64)
+  gallery = np.repeat(base, copies, axis=0) + 3e-8 * rng.standard_normal((groups * copies, d))
+  gallery = gallery[rng.permutation(len(gallery))]
+  queries = base[rng.integers(0, groups, q)] + 0.3 * rng.standard_normal((q, d)) / np.sqrt(d)
+  return queries.astype(np.float32), gallery.astype(np.float32)
+
+
+def _dense_top(seed, q=5, rows=40, d=32, spacing=1e-4):
+  """Per query, `rows` gallery rows scoring 1 - spacing, 1 - 2 spacing, ...: apart in float32,
+  within bfloat16 rounding of each other."""
+  rng = np.random.default_rng(seed)
+  queries = _normalized(rng, q, d).astype(np.float64)
+  out = []
+  for query in queries:
+    u = rng.standard_normal((rows, d))
+    u -= (u @ query)[:, None] * query[None]
+    u /= np.linalg.norm(u, axis=1, keepdims=True)
+    cos = 1 - spacing * (1 + rng.permutation(rows))
+    out.append(cos[:, None] * query[None] + np.sqrt(1 - cos**2)[:, None] * u)
+  return queries.astype(np.float32), np.concatenate(out).astype(np.float32)
+
+
+def test_float32_results_equal_the_float64_oracle_bit_for_bit():
+  """Indices AND scores exactly the float64 brute force rounded to float32, where float32 matmul
+  rounding reorders candidates (the bounded rescoring must catch every such near tie)."""
+  queries, gallery = _near_ties(14)
+  for mesh in (None, sharding.create_mesh({"data": 1}, jax.devices()[:1])):
+    result = search(queries, gallery, 10, mesh=mesh, chunk_rows=256, query_batch=8, dtype="float32", margin=6)
+    indices, scores, _, _ = brute_force(queries, gallery, 10)
+    np.testing.assert_array_equal(result.indices, indices)
+    np.testing.assert_array_equal(result.scores, scores)
+  # The device's own float32 scores would not do: they order some of these rows differently.
+  device = queries @ gallery.T
+  assert (np.argsort(-device, axis=1, kind="stable")[:, :10] != indices).any()
+
+
+# ----------------------------------------------------------------------------- bfloat16 pre-filter
+
+
+@pytest.mark.parametrize("with_exclusion", [False, True])
+def test_bfloat16_prefilter_equals_float32(with_exclusion):
+  queries, gallery, exclusion, _ = _planted_gallery(seed=15)
+  # Scores bfloat16 cannot separate (float32 can): those queries must fall back to float32.
+  tie_queries, tie_gallery = _dense_top(16)
+  queries = np.concatenate([queries, tie_queries])
+  offset = len(gallery)
+  gallery = np.concatenate([gallery, tie_gallery])
+  if with_exclusion:
+    n, extra = len(tie_queries), len(tie_gallery)
+    exclusion = Exclusion(
+        query_ids=np.concatenate([exclusion.query_ids, np.arange(n) + 10**12]),
+        gallery_ids=np.concatenate([exclusion.gallery_ids, np.arange(extra) + 10**13]),
+        query_latlng=np.concatenate([exclusion.query_latlng, np.zeros((n, 2), np.float32)]),
+        gallery_latlng=np.concatenate([exclusion.gallery_latlng, np.full((extra, 2), 80, np.float32)]),
+        duplicate_km=exclusion.duplicate_km, duplicate_similarity=exclusion.duplicate_similarity)
+  else:
+    exclusion = None
+  options = dict(chunk_rows=300, query_batch=16, margin=4, exclusion=exclusion)
+  plain = search(queries, gallery, 8, dtype="float32", **options)
+  fast = search(queries, gallery, 8, dtype="float32", prefilter="bfloat16", **options)
+  for a, b in zip([plain.indices, plain.scores, plain.excluded_in_top_k, plain.rank0_reason],
+                  [fast.indices, fast.scores, fast.excluded_in_top_k, fast.rank0_reason]):
+    np.testing.assert_array_equal(a, b)
+  _assert_matches(fast, brute_force(queries, gallery, 8, exclusion), 8)
+  assert fast.fallback_queries >= len(tie_queries) and fast.stats()["fallback_queries"] == fast.fallback_queries
+  assert fast.fallback_queries < len(queries)
+  assert (fast.indices[-len(tie_queries):] >= offset).all()
+  # Without the pre-filter's fallback, bfloat16 says which queries it could not prove exact.
+  bf16 = search(queries, gallery, 8, dtype="bfloat16", **options)
+  assert bf16.uncertified_queries >= len(tie_queries)
+
+
+def test_prefilter_needs_float32():
+  with pytest.raises(ValueError, match="prefilter"):
+    search(np.zeros((2, 4), np.float32), np.ones((5, 4), np.float32), 2, dtype="bfloat16", prefilter="bfloat16")
+
+
+# ----------------------------------------------------------------------------- non-finite values
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_nonfinite_gallery_rows_are_never_returned_and_are_counted(dtype):
+  rng = np.random.default_rng(17)
+  queries, gallery = _normalized(rng, 20, 24), _normalized(rng, 700, 24)
+  bad = np.array([0, 5, 99, 100, 350, 699])
+  gallery[bad[:2]] = 3 * queries[:2]  # would be rank 0 for queries 0 and 1...
+  gallery[bad[:2], 3] = np.nan  # ...but hold a NaN
+  gallery[bad[2], :] = np.inf
+  gallery[bad[3], 7] = -np.inf
+  gallery[bad[4], 0] = np.inf  # +inf * a positive query value: an infinite score without the mask
+  gallery[bad[5], :] = np.nan
+  queries[:, 0] = np.abs(queries[:, 0])
+  finite = np.setdiff1d(np.arange(700), bad)
+  expected = brute_force(queries, gallery[finite], 12)
+  expected = (np.where(expected[0] >= 0, finite[np.maximum(expected[0], 0)], -1),) + expected[1:]
+  for mesh in (None, sharding.create_mesh({"data": 1}, jax.devices()[:1])):
+    result = search(queries, gallery, 12, mesh=mesh, chunk_rows=256, query_batch=8, dtype=dtype)
+    _assert_matches(result, expected, 12)
+    assert not np.isin(result.indices, bad).any() and np.isfinite(result.scores).all()
+    assert result.nonfinite_gallery_rows == len(bad) and result.stats()["nonfinite_gallery_rows"] == len(bad)
+  clean = search(queries, gallery[finite], 3, dtype=dtype)
+  assert clean.nonfinite_gallery_rows == 0 and clean.stats()["nonfinite_gallery_rows"] == 0
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_a_nonfinite_query_is_an_error_naming_its_row(value):
+  queries = np.ones((70000, 4), np.float32)  # the bad row is in the second validation block
+  queries[66000, 2] = value
+  with pytest.raises(ValueError, match="queries row 66000 has a non-finite value"):
+    search(queries, np.ones((5, 4), np.float32), 2)
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def test_resident_query_blocks_reread_the_gallery_and_agree():
+  rng = np.random.default_rng(18)
+  queries, array = rng.standard_normal((45, 8)).astype(np.float32), rng.standard_normal((250, 8)).astype(np.float32)
+  gallery = _RecordingGallery(array)
+  result = search(queries, gallery, 4, chunk_rows=60, query_batch=8, dtype="float32", max_resident_queries=16)
+  _assert_matches(result, brute_force(queries, array, 4), 4)
+  counts = np.zeros(250, int)
+  for a, b in gallery.slices:
+    counts[a:b] += 1
+  np.testing.assert_array_equal(counts, 3)  # 6 batches of 8, 2 resident at a time: 3 passes
+  plan = search_module.plan_memory(45, 250, 8, k=4, margin=16, chunk_rows=60, query_batch=8, dtype="float32",
+                                   devices=8, max_resident_queries=16)
+  assert plan["layout"]["gallery_passes"] == 3 and plan["layout"]["resident_batches"] == 2
+
+
+@pytest.mark.parametrize("devices, batch, rows, dims, k, margin, dtype, rules, query_dtype, gallery_dtype", [
+    (1, 256, 4096, 64, 10, 16, "float32", (), "float32", "float32"),
+    (1, 512, 20000, 128, 16, 16, "bfloat16", (), "float32", "float32"),
+    (8, 128, 16384, 32, 5, 3, "float32", ("groups", "ids", "latlng"), "float32", "float16"),
+    (8, 1024, 65536, 96, 16, 16, "bfloat16", ("ids",), "float32", "float32"),
+    (1, 64, 3000, 16, 20, 16, "float32", ("ids", "latlng"), "float16", "float16"),  # small: a plain top_k
+    (2, 2048, 131072, 64, 32, 16, "bfloat16", (), "float32", "bfloat16"),
+])
+def test_plan_bounds_the_compiled_step(devices, batch, rows, dims, k, margin, dtype, rules, query_dtype,
+                                       gallery_dtype):
+  """The planner's step bytes (arguments + temporaries) bound XLA's own figures for the compiled
+  step, and overestimate them by at most 2x; the arguments match exactly."""
+  import ml_dtypes  # pylint: disable=g-import-not-at-top
+  plan = search_module.plan_memory(batch, rows, dims, k=k, margin=margin, chunk_rows=rows, query_batch=batch,
+                                   dtype=dtype, devices=devices, query_dtype=query_dtype,
+                                   gallery_dtype=gallery_dtype, rules=rules)
+  layout = plan["layout"]
+  mesh = sharding.create_mesh({"data": devices}, jax.devices()[:devices])
+  as_dtype = lambda name: ml_dtypes.bfloat16 if name == "bfloat16" else np.dtype(name)  # noqa: E731
+  shapes = search_module._step_shapes(mesh, layout["query_batch"], layout["chunk_rows_padded"], dims, k + margin,
+                                      tuple(sorted(rules)), as_dtype(query_dtype), as_dtype(gallery_dtype))
+  step = search_module._chunk_step(mesh, k + margin, dtype, tuple(sorted(rules)))
+  compiled = step.lower(*shapes).compile().memory_analysis()
+  assert plan["step_argument_bytes"] == compiled.argument_size_in_bytes
+  measured = compiled.argument_size_in_bytes + compiled.temp_size_in_bytes
+  assert measured <= plan["step_bytes"] <= 2 * measured, (plan["step_bytes"], measured)
+  assert plan["total_bytes_per_device"] >= plan["step_temp_bytes"] + plan["bytes_per_device"]["gallery_chunks"]
+
+
+def test_plan_command_prints_the_mp16_plan(capsys):
+  from geotoken_jax.bench import __main__ as bench_main  # pylint: disable=g-import-not-at-top
+  bench_main.main(["search", "--plan", "--gallery", "4720000", "--queries", "4720000", "--dims", "1536",
+                   "--devices", "8", "--chunk_rows", "262144", "--query_batch", "16384", "--dtype", "bfloat16"])
+  import json  # pylint: disable=g-import-not-at-top
+  lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+  plan = lines[-1]["plans"][0]
+  assert plan["settings"]["devices"] == 8 and plan["settings"]["dims"] == 1536
+  per_device = plan["bytes_per_device"]
+  layout = plan["layout"]
+  assert per_device["step_scores"] == layout["query_batch"] * layout["chunk_rows_per_device"] * 4
+  assert layout["query_batch"] <= 16384 and layout["chunk_rows_read"] <= 262144
+  assert layout["chunk_rows_per_device"] * 8 >= 262144 // 2
+  assert 2 < plan["total_gib_per_device"] < 16

@@ -139,18 +139,26 @@ def test_smoke_config_trains_end_to_end_and_loss_falls(tmp_path):
   assert sorted(int(s) for s in os.listdir(tmp_path / "checkpoints")) == [10, 20, 30]
 
 
-def test_stopping_and_resuming_equals_an_uninterrupted_run(tmp_path):
+def smoke_run_config():
+  """The config of conftest's `trained_smoke_run` (8 steps, uninterrupted): the tests that
+  compare against that run train with it."""
   config = earth_config()
   config.num_steps = 8
+  config.checkpoint_every_steps = 2
   config.model.dropout = 0.1  # dropout keys must follow the step, not the process's history
-  trainer.train_and_evaluate(config, str(tmp_path / "straight"))
+  return config
+
+
+@pytest.mark.xdist_group("trained_smoke_run")
+def test_stopping_and_resuming_equals_an_uninterrupted_run(tmp_path, trained_smoke_run):
+  config = smoke_run_config()  # trained_smoke_run is its uninterrupted run
   config.stop_after_steps = 4
   assert trainer.train_and_evaluate(config, str(tmp_path / "resumed")) == {"preempted": True, "step": 4}
   config.stop_after_steps = 0
   trainer.train_and_evaluate(config, str(tmp_path / "resumed"))  # picks up at step 4
-  straight, resumed = _train_losses(tmp_path / "straight"), _train_losses(tmp_path / "resumed")
+  straight, resumed = _train_losses(trained_smoke_run), _train_losses(tmp_path / "resumed")
   assert straight == resumed
-  a, b = _final_params(config, tmp_path / "straight"), _final_params(config, tmp_path / "resumed")
+  a, b = _final_params(config, trained_smoke_run), _final_params(config, tmp_path / "resumed")
   assert int(a["step"]) == int(b["step"]) == 8
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(x, y)

@@ -13,7 +13,7 @@ from fsspec.implementations.memory import MemoryFileSystem
 from geotoken_jax import checkpoint, command_line, data, sharding, train, trainer
 from geotoken_jax.bench.train_bench import random_batch
 
-from test_train import REPO, _assert_trees_close, _final_params, _step_config, earth_config
+from test_train import REPO, _assert_trees_close, _final_params, _step_config, earth_config, smoke_run_config
 
 
 class _PoisonedTokens:
@@ -89,11 +89,9 @@ def test_non_finite_steps_are_skipped_counted_then_stop_the_run(tmp_path, monkey
   assert "non-finite loss or gradient" in capsys.readouterr().err
 
 
-def test_a_truncated_latest_checkpoint_resumes_from_the_previous_one(tmp_path, capsys):
-  config = earth_config()
-  config.num_steps = 8
-  config.checkpoint_every_steps = 2
-  trainer.train_and_evaluate(config, str(tmp_path / "straight"))
+@pytest.mark.xdist_group("trained_smoke_run")
+def test_a_truncated_latest_checkpoint_resumes_from_the_previous_one(tmp_path, capsys, trained_smoke_run):
+  config = smoke_run_config()  # 8 steps, a checkpoint every 2: trained_smoke_run is its uninterrupted run
   config.stop_after_steps = 6
   trainer.train_and_evaluate(config, str(tmp_path / "broken"))
   # A crash during a copy: every array file of step 6 cut to half its size.
@@ -114,7 +112,7 @@ def test_a_truncated_latest_checkpoint_resumes_from_the_previous_one(tmp_path, c
   assert "checkpoint 6 could not be restored" in printed and "resumed from step 4" in printed
   assert "8 steps from 4" in printed
   # Steps 5..8 retrained from step 4: the same parameters as the uninterrupted run.
-  a, b = _final_params(config, tmp_path / "straight"), _final_params(config, tmp_path / "broken")
+  a, b = _final_params(config, trained_smoke_run), _final_params(config, tmp_path / "broken")
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(x, y)
 

@@ -271,14 +271,19 @@ def _check_queries_finite(queries, num_queries: int) -> None:
 # ----------------------------------------------------------------------------- layout
 
 
-def _block_width(cols: int, run_k: int) -> int:
-  """Block width of `_select_top` for `cols` scores per query: the power of two w dividing cols
-  nearest sqrt(cols / run_k) from below (cols / w block maxima and run_k * w candidates then cost
-  about the same), or 1 (a plain top_k) when the scores are too few to gain."""
+def _target_width(cols: int, run_k: int) -> int:
+  """The block width `_select_top` aims at for `cols` scores per query: the power of two nearest
+  sqrt(cols / run_k) from below (cols / w block maxima and run_k * w candidates then cost about
+  the same), or 1 (a plain top_k) when the scores are too few to gain."""
   if cols < 16 * run_k:
     return 1
-  target = 1 << max(0, int(math.floor(math.log2(math.sqrt(cols / run_k)))))
-  width = 1
+  return 1 << max(0, int(math.floor(math.log2(math.sqrt(cols / run_k)))))
+
+
+def _block_width(cols: int, run_k: int) -> int:
+  """Block width of `_select_top`: the largest power of two dividing cols, up to the target
+  (`_chunk_layout` pads the chunks so that the target divides them)."""
+  target, width = _target_width(cols, run_k), 1
   while width * 2 <= target and cols % (width * 2) == 0:
     width *= 2
   return width
@@ -290,7 +295,7 @@ def _chunk_layout(num_rows: int, chunk_rows: int, devices: int, run_k: int) -> t
   count = -(-num_rows // min(chunk_rows, num_rows))
   stride = -(-num_rows // count)
   per_device = -(-stride // devices)
-  width = _block_width(per_device, run_k)
+  width = _target_width(per_device, run_k)
   per_device = -(-per_device // width) * width
   return stride, per_device * devices, count
 
@@ -373,21 +378,31 @@ def _order(scores: np.ndarray, rows: np.ndarray, first: np.ndarray | None = None
   return np.lexsort(keys, axis=-1)
 
 
-def _error_bound(dtype: str, dims: int, query_norms: np.ndarray, max_row_norm: float) -> np.ndarray:
-  """Per query, a bound on |device score - exact inner product| for every finite gallery row.
+def _error_bound(dtype: str, dims: int, queries: np.ndarray, gallery_norms: np.ndarray,
+                 store_unit: float = 0.0) -> np.ndarray:
+  """Per query of queries [b, D], a bound on |device score - exact inner product| for every finite
+  gallery row, from gallery_norms = the largest |g|, |bf16(g)| and |g - bf16(g)| over the rows.
 
-  float32 (any summation order, FMA or not, and bf16x6-style emulation): the products and the
-  sum add at most (D + 2) float32 roundings of sum |q_i g_i| <= |q| |g|; doubled for margin.
-  bfloat16: the inputs' rounding adds |q| |g| (2 u + u^2) with u = 2^-9 (products of bfloat16
-  values are exact in float32), then the float32 sum as above.  A tiny absolute term covers
-  values flushed to zero."""
-  scale = query_norms * max_row_norm * (1 + 1e-6)
-  float32 = 2.0 * (dims + 2) * _UNIT
+  float32 (any summation order, FMA or not, or a bf16x6-style emulation): the products and the sum
+  add at most (D + 2) float32 roundings of sum |q_i g_i| <= |q| |g| (Cauchy-Schwarz); doubled for
+  margin: gamma = 2 (D + 2) 2^-24.  bfloat16: with q = a + alpha, g = b + beta (a, b the bfloat16
+  roundings; their products are exact in float32), q.g - a.b = a.beta + alpha.b + alpha.beta, so
+  |s - q.g| <= gamma |a| |b| + |a| |beta| + |alpha| |b| + |alpha| |beta|.  store_unit: the rows
+  searched are a rounding (to that unit) of the rows rescored: + store_unit |q| |g|.  The norms carry a relative
+  margin for their own float32 / float64 rounding, and a tiny absolute term covers values flushed
+  to zero."""
+  gamma = 2.0 * (dims + 2) * _UNIT
+  q = np.asarray(queries, np.float64)
   if dtype == "float32":
-    coefficient = float32
+    bound = gamma * np.linalg.norm(q, axis=1) * gallery_norms[0]
   else:
-    coefficient = 2 * _BF16_UNIT + _BF16_UNIT**2 + float32 * (1 + _BF16_UNIT) ** 2
-  return coefficient * scale + dims * 1e-37
+    a = np.asarray(np.asarray(queries, np.float32).astype(ml_dtypes.bfloat16), np.float64)
+    a_norm, alpha_norm = np.linalg.norm(a, axis=1), np.linalg.norm(q - a, axis=1)
+    b_norm, beta_norm = gallery_norms[1], gallery_norms[2]
+    bound = (gamma * a_norm * b_norm + a_norm * beta_norm + alpha_norm * b_norm + alpha_norm * beta_norm)
+  if store_unit:
+    bound = bound + store_unit * (1 + store_unit) * np.linalg.norm(q, axis=1) * gallery_norms[0]
+  return bound * (1 + 1e-4) + dims * 1e-37
 
 
 def _host_reasons(rules: dict[str, np.ndarray], exclusion: Exclusion | None, query_rows: np.ndarray,
@@ -408,47 +423,49 @@ def _host_reasons(rules: dict[str, np.ndarray], exclusion: Exclusion | None, que
 # ----------------------------------------------------------------------------- device step
 
 
-def _max_over_axis1(x: jax.Array) -> jax.Array:
-  """max over axis 1 of [B, w, n], as a reduction XLA fuses with whatever produced x (one pass over
-  it, vectorized along n).  Spelled as a select so that it is not handed to a library reduce
-  kernel, before which x would be materialized."""
-  return lax.reduce(x, jnp.array(-jnp.inf, x.dtype), lambda a, b: jnp.where(a >= b, a, b), (1,))
+def _block_max(blocks: jax.Array, library: bool) -> jax.Array:
+  """max over the last axis of [B, n, w].  library: jnp.max, which XLA:CPU hands to a library kernel
+  that fuses a simple producer (a broadcast add) and runs fast, but would first materialize a
+  complex one (the exclusion masks); otherwise a reduction spelled as a select, which XLA fuses with
+  any producer (one pass, nothing materialized, slower per score)."""
+  if library:
+    return jnp.max(blocks, axis=2)
+  return lax.reduce(blocks, jnp.array(-jnp.inf, blocks.dtype), lambda a, b: jnp.where(a >= b, a, b), (2,))
 
 
-def _select_top(scores: jax.Array, count: int, masked=None, columns: Sequence[jax.Array] = ()):
+def _select_top(scores: jax.Array, count: int, masked=None, columns: Sequence[jax.Array] = (),
+                library_max: bool = True):
   """Exactly lax.top_k(masked(scores) [B, C], count) -> (values, positions) [B, count], ties to the
   lower position, through a block-max pre-selection when C is large.
 
-  Block j holds the positions j, j + n, ..., j + (w - 1) n (n = C / w blocks of w): the scores are
-  viewed as [B, w, n] and the block maxima are elementwise maxima of contiguous rows.
-  masked(s, cols) -> values (elementwise; None: the scores as they are) sees the scores in that
-  layout ([B, w, n], or the chosen blocks [B, w, count]) and each of `columns` ([C, ...] per-column
-  arrays) laid out the same way ([1, w, n, ...] / [B, w, count, ...]): it is applied inside the
-  block-max pass and again on the chosen blocks only, never materialized over all of [B, C].
+  masked(s, cols) -> values (elementwise; None: the scores as they are) sees the scores in blocks of
+  w consecutive positions, [B, n, w] (or the chosen blocks, [B, count, w]), and each of `columns`
+  ([C, ...] per-column arrays) laid out the same way ([1, n, w, ...] / [B, count, w, ...]): it is
+  applied inside the block-max pass and again on the chosen blocks only, never materialized over
+  all of [B, C] (see `_block_max` for library_max).
 
   Exact: the count-th largest block maximum T is <= the count-th largest score (count blocks each
   hold a score >= T), so every top score lies in a block whose maximum is >= T: all blocks above T
   are among the count chosen, and the chosen blocks at T are the lowest-numbered ones (top_k is
-  stable), which hold T's lowest positions.  The chosen blocks' scores are laid out in position
-  order (offset major, sorted block numbers minor), so the final stable top_k breaks ties exactly
-  as one top_k over all C would."""
+  stable), which hold T's lowest positions (blocks are consecutive positions: a lower block has
+  only lower positions).  The chosen blocks are gathered in position order, so the final stable
+  top_k breaks ties exactly as one top_k over all C would."""
   batch, cols = scores.shape
   count = min(count, cols)
   width = _block_width(cols, count)
   apply = (lambda s, _: s) if masked is None else masked
   if width == 1:
-    values = apply(scores[:, None, :], [c[None, None] for c in columns])[:, 0]
+    values = apply(scores[:, :, None], [c[None, :, None] for c in columns])[:, :, 0]
     return lax.top_k(values, count)
-  n = cols // width
-  strided = scores.reshape(batch, width, n)
-  column_views = [c.reshape((width, n) + c.shape[1:]) for c in columns]
-  maxima = _max_over_axis1(apply(strided, [c[None] for c in column_views]))  # [B, n]
+  blocks = scores.reshape(batch, cols // width, width)
+  column_blocks = [c.reshape((1, cols // width, width) + c.shape[1:]) for c in columns]
+  maxima = _block_max(apply(blocks, column_blocks), library_max)  # [B, n]
   _, chosen = lax.top_k(maxima, count)  # [B, count] block numbers
   chosen = jnp.sort(chosen, axis=1)
-  candidates = jnp.take_along_axis(strided, chosen[:, None, :], axis=2)  # [B, w, count]
-  candidate_columns = [jnp.moveaxis(jnp.take(c, chosen, axis=1), 0, 1) for c in column_views]  # [B, w, count, ...]
-  values, at = lax.top_k(apply(candidates, candidate_columns).reshape(batch, width * count), count)
-  positions = jnp.take_along_axis(chosen, at % count, axis=1) + (at // count) * n
+  candidates = jnp.take_along_axis(blocks, chosen[:, :, None], axis=1)  # [B, count, w]
+  candidate_columns = [c[0][chosen] for c in column_blocks]  # [B, count, w, ...]
+  values, at = lax.top_k(apply(candidates, candidate_columns).reshape(batch, count * width), count)
+  positions = jnp.take_along_axis(chosen, at // width, axis=1) * width + at % width
   return values, positions
 
 
@@ -471,18 +488,12 @@ def _chunk_step(mesh: Mesh, run_k: int, dtype: str, rules: tuple[str, ...]):
   precision = lax.Precision.HIGHEST if dtype == "float32" else lax.Precision.DEFAULT
   excluding = bool(rules)
 
-  def body(q, g, rows, qx, gx, dup, kept, excluded, stats):
+  def body(q, g, bias, rows, qx, gx, dup, kept, excluded):
     s = lax.dot_general(q.astype(compute), g.astype(compute), (((1,), (1,)), ((), ())),
                         precision=precision, preferred_element_type=jnp.float32)  # [B, c] local rows
-    finite = jnp.all(jnp.isfinite(g), axis=1)  # [c]: a NaN / inf anywhere in a row drops the row
-    real = rows >= 0
-    ok = real & finite  # [c]
-    g32 = g.astype(jnp.float32)
-    norm2 = jnp.max(jnp.where(ok, jnp.sum(g32 * g32, axis=1), 0.0))
-    stats = (stats[0] + lax.psum(jnp.sum(real & ~finite, dtype=jnp.int32), axes),
-             jnp.maximum(stats[1], lax.pmax(norm2, axes)))
     names = tuple(n for n in sorted(gx) if gx[n] is not None)
-    columns = [ok] + [gx[n] for n in names]
+    # Padding and non-finite rows (zeroed by _prepare_chunk): bias -inf, added to their scores.
+    columns = [bias] + [gx[n] for n in names]
 
     def reasons(s, cols):
       """Reason codes of scores s [B, ...] against gallery columns cols (shaped like s, + tail)."""
@@ -504,15 +515,17 @@ def _chunk_step(mesh: Mesh, run_k: int, dtype: str, rules: tuple[str, ...]):
 
     def masked(want_kept):
       def values(s, cols):
-        # Padding and non-finite rows, and NaN scores (only an overflow of finite values): -inf.
-        keep = cols[0] & ~jnp.isnan(s)
+        v = s + cols[0]
         if excluding:
-          keep = keep & ((reasons(s, cols) == KEPT) == want_kept)
-        return jnp.where(keep, s, -jnp.inf)
+          v = jnp.where((reasons(s, cols) == KEPT) == want_kept, v, -jnp.inf)
+        return v
       return values
 
     def chunk_candidates(want_kept):
-      values, positions = _select_top(s, run_k, masked(want_kept), columns)  # [B, r] each
+      # Excluding, the masks are fused into a generic reduction (a library one would materialize them).
+      values, positions = _select_top(s, run_k, masked(want_kept), columns, library_max=not excluding)
+      # A NaN score (only from an inner product overflowing float32) never enters the lists.
+      values = jnp.where(jnp.isnan(values), -jnp.inf, values)
       local = [values, jnp.where(values == -jnp.inf, -1, jnp.take(rows, positions))]
       if not want_kept:
         local.append(reasons(values, [c[positions] for c in columns]))
@@ -527,24 +540,48 @@ def _chunk_step(mesh: Mesh, run_k: int, dtype: str, rules: tuple[str, ...]):
     kept = merge(kept, chunk_candidates(True))
     if excluding:
       excluded = merge(excluded, chunk_candidates(False))
-    return kept, excluded, stats
+    return kept, excluded
 
   qx_spec = {"ids": rep, "groups": rep, "group_valid": rep, "xyz": rep}
   gx_spec = {"ids": rows_spec, "groups": rows_spec, "group_valid": rows_spec, "xyz": rows_spec}
   mapped = jax.shard_map(body, mesh=mesh,
-                         in_specs=(rep, rows_spec, rows_spec, qx_spec, gx_spec, rep, rep, rep, rep),
-                         out_specs=(rep, rep, rep),
+                         in_specs=(rep, rows_spec, rows_spec, rows_spec, qx_spec, gx_spec, rep, rep, rep),
+                         out_specs=(rep, rep),
                          # all_gather's output is the same on every device, but the varying-axes check
                          # cannot infer that (lax has no invariant all_gather): checked by the tests.
                          check_vma=False)
 
-  def step(q, g, rows, qx, gx, dup, kept, excluded, stats):
-    return mapped(q, g, rows, {k: qx.get(k) for k in qx_spec}, {k: gx.get(k) for k in gx_spec},
-                  dup, kept, excluded, stats)
+  def step(q, g, bias, rows, qx, gx, dup, kept, excluded):
+    return mapped(q, g, bias, rows, {k: qx.get(k) for k in qx_spec}, {k: gx.get(k) for k in gx_spec},
+                  dup, kept, excluded)
 
-  # The running lists are replaced by the step's outputs: donated (updated in place where the backend
-  # can).  The statistics are not: the search loop waits on them.
-  return jax.jit(step, donate_argnums=(6, 7))
+  return jax.jit(step)
+
+
+@functools.lru_cache(maxsize=8)
+def _prepare_chunk(mesh: Mesh):
+  """Once per chunk: (chunk [C, D], rows [C]) -> (chunk with its non-finite rows zeroed, bias [C]
+  float32: 0, or -inf for padding and non-finite rows, the number of non-finite rows, the largest
+  squared norms of a finite row g, of bf16(g) and of g - bf16(g) [3])."""
+  axes = tuple(mesh.axis_names)
+  rows_spec, rep = PartitionSpec(axes), PartitionSpec()
+
+  def body(g, rows):
+    finite = jnp.all(jnp.isfinite(g), axis=1)  # [c]: a NaN / inf anywhere in a row drops the row
+    real = rows >= 0
+    ok = real & finite
+    # Zeroed, so that their scores are 0, not NaN: the bias's -inf then sticks.
+    g = jnp.where(finite[:, None], g, jnp.zeros((), g.dtype))
+    g32 = g.astype(jnp.float32)
+    rounded = g32.astype(jnp.bfloat16).astype(jnp.float32)
+    norms2 = jnp.stack([jnp.sum(x * x, axis=1) for x in (g32, rounded, g32 - rounded)], axis=1)  # [c, 3]
+    norms2 = jnp.max(jnp.where(ok[:, None], norms2, 0.0), axis=0)  # |g|², |bf16(g)|², |g - bf16(g)|²
+    bias = jnp.where(ok, 0.0, -jnp.inf).astype(jnp.float32)
+    return (g, bias, lax.psum(jnp.sum(real & ~finite, dtype=jnp.int32), axes), lax.pmax(norms2, axes))
+
+  mapped = jax.shard_map(body, mesh=mesh, in_specs=(rows_spec, rows_spec),
+                         out_specs=(rows_spec, rows_spec, rep, rep))
+  return jax.jit(mapped, donate_argnums=(0,))
 
 
 def _put(mesh: Mesh, spec: PartitionSpec, shape: tuple[int, ...], read) -> jax.Array:
@@ -603,9 +640,9 @@ def _step_shapes(mesh: Mesh, batch: int, chunk: int, dims: int, run_k: int, name
   gx = {n: spec((chunk,) + tail, dt, rows=True) for n, (tail, dt) in rules.items()}
   kept = (spec((batch, run_k), jnp.float32), spec((batch, run_k), jnp.int32))
   excluded = kept + (spec((batch, run_k), jnp.int32),) if names else ()
-  stats = (spec((), jnp.int32), spec((), jnp.float32))
   return (spec((batch, dims), query_dtype), spec((chunk, dims), gallery_dtype, rows=True),
-          spec((chunk,), jnp.int32, rows=True), qx, gx, spec((2,), jnp.float32), kept, excluded, stats)
+          spec((chunk,), jnp.float32, rows=True), spec((chunk,), jnp.int32, rows=True), qx, gx,
+          spec((2,), jnp.float32), kept, excluded)
 
 
 # ----------------------------------------------------------------------------- memory plan
@@ -634,20 +671,21 @@ def plan_memory(num_queries: int, num_rows: int, dims: int, *, k: int, margin: i
                    for tail, dt in _rule_specs(names).values())
   lists = 2 if names else 1
   list_bytes = batch * run_k * (8 + (12 if names else 0))  # kept (score, row) [+ excluded (score, row, reason)]
-  chunk_bytes = local * (dims * g_size + 4 + rule_bytes)
+  chunk_bytes = local * (dims * g_size + 8 + rule_bytes)  # rows, their int32 numbers and float32 bias
   arguments = {
       "query_batch": batch * (dims * q_size + rule_bytes),
       "gallery_chunk": chunk_bytes,
       "running_lists": list_bytes,
+      "thresholds": 8 if "latlng" in names else 0,  # the near-duplicate thresholds (pruned when unused)
   }
+  fields = 3 if names else 2  # per excluded list: score, row, reason
   temps = {
+      "scores": batch * local * 4,  # the one [B, C / devices] float32 matmul output; masks are fused
       "query_cast": batch * dims * c_size if dtype != query_dtype else 0,
-      "chunk_cast": local * dims * (c_size + (4 if gallery_dtype != "float32" else 0)),
-      # s, and per list the masked scores (+ the reason codes when excluding).
-      "scores": batch * local * 4 * (1 + lists + (1 if names else 0)),
-      "selection": lists * batch * ((local // width) * 4 + r * width * 4 + r * 16) if width > 1 else
-                   lists * batch * r * 16,
-      "gathered_candidates": lists * batch * devices * r * 12 + 2 * list_bytes,
+      "chunk_cast": local * dims * c_size if dtype != gallery_dtype else 0,
+      # Block maxima and the chosen blocks' scores per list (a masked copy of the scores without blocks).
+      "selection": lists * batch * ((local // width) * 4 + r * width * 8 + r * 8 if width > 1 else local * 4 + r * 8),
+      "candidates": lists * batch * (devices * r + 4 * run_k) * 4 * fields,
   }
   resident_bytes = {
       "resident_queries": resident * batch * (dims * q_size + rule_bytes),
@@ -786,7 +824,12 @@ def search(queries, gallery, k: int, *, mesh: Mesh | None = None, chunk_rows: in
     bar = tqdm(total=len(starts) * num_chunks, desc="search", unit="chunk")
 
   out = _Outputs(num_queries, k)
-  finisher = _Finisher(queries, gallery, rules, exclusion, k, run_k, device_dtype, dims, names, mesh, out)
+  # np.ndarray / np.memmap / ConcatRows: the rows searched (slices) are the rows rescored (take).  Other
+  # row views may slice a float16 / bfloat16 copy of what they take (neighbors.SearchRows does).
+  store_unit = 0.0 if isinstance(gallery, (np.ndarray, ConcatRows)) else {
+      np.dtype(np.float16): 2.0**-11, np.dtype(ml_dtypes.bfloat16): 2.0**-9}.get(np.dtype(host_dtype), 0.0)
+  finisher = _Finisher(queries, gallery, rules, exclusion, k, run_k, device_dtype, dims, names, mesh, out,
+                       store_unit)
 
   def chunk_arrays(c: int):
     start = c * chunk_real
@@ -802,10 +845,10 @@ def search(queries, gallery, k: int, *, mesh: Mesh | None = None, chunk_rows: in
     lists = lambda n: tuple(_put(mesh, rep, (batch, run_k), functools.partial(  # noqa: E731
         lambda fill, dt, lo, hi: np.full((hi - lo, run_k), fill, dt), fill, dt))
         for fill, dt in ((-np.inf, np.float32), (-1, np.int32), (0, np.int32))[:n])
-    stats = (_put(mesh, rep, (), lambda lo, hi: np.zeros((), np.int32)),
-             _put(mesh, rep, (), lambda lo, hi: np.zeros((), np.float32)))
-    return lists(2), lists(3) if names else (), stats
+    return lists(2), lists(3) if names else ()
 
+  prepare = _prepare_chunk(mesh)
+  gallery_stats = []  # per chunk (first pass): (non-finite rows, largest squared row norm), on device
   pending = None  # the previous block's device results, finished while this block's steps run
   for block in blocks:
     placed, states = [], []
@@ -819,16 +862,24 @@ def search(queries, gallery, k: int, *, mesh: Mesh | None = None, chunk_rows: in
     previous_chunk = None
     for c in range(num_chunks):
       g, rows, gx = chunk_arrays(c)
+      g, bias, nonfinite, norms2 = prepare(g, rows)
+      if len(gallery_stats) < num_chunks:
+        gallery_stats.append((nonfinite, norms2))
       for i, (q, qx) in enumerate(placed):
-        states[i] = step(q, g, rows, qx, gx, dup, *states[i])
+        states[i] = step(q, g, bias, rows, qx, gx, dup, *states[i])
         if bar is not None:
           bar.update(1)
       if previous_chunk is not None:  # at most two chunks on the devices: wait for the older one
         jax.block_until_ready(previous_chunk)
-      previous_chunk = states[-1][2]  # the statistics of its last step (not donated)
+      previous_chunk = states[-1][0][0]  # the output of its last step
       if c == 0 and pending is not None:
         finisher.finish(*pending)
         pending = None
+    if finisher.gallery_norms is None:
+      fetch = lambda x: np.asarray(x.addressable_data(0))  # noqa: E731
+      finisher.nonfinite_rows = int(sum(int(fetch(n)) for n, _ in gallery_stats))
+      norms2 = np.max([np.asarray(fetch(m), np.float64) for _, m in gallery_stats], axis=0)
+      finisher.gallery_norms = np.sqrt(norms2) * (1 + 1e-5)  # float32 sums of squares: a margin
     pending = (block, [(min(q0 + batch, num_queries), s) for q0, s in zip(block, states)])
   finisher.finish(*pending)
   if bar is not None:
@@ -879,11 +930,14 @@ class _Finisher:
   certification.  With a mesh spanning several processes, each process finishes a share of the
   block's queries and the shares are all-gathered."""
 
-  def __init__(self, queries, gallery, rules, exclusion, k, run_k, dtype, dims, names, mesh, out: _Outputs):
+  def __init__(self, queries, gallery, rules, exclusion, k, run_k, dtype, dims, names, mesh, out: _Outputs,
+               store_unit: float):
     self.queries, self.gallery, self.rules, self.exclusion = queries, gallery, rules, exclusion
+    self.store_unit = store_unit
     self.k, self.run_k, self.dtype, self.dims, self.names, self.out = k, run_k, dtype, dims, names, out
     self.uncertified = np.zeros(out.indices.shape[0], bool)
     self.nonfinite_rows = 0
+    self.gallery_norms = None  # largest |g|, |bf16(g)|, |g - bf16(g)| of the finite gallery rows
     processes = {d.process_index for d in mesh.devices.flat}
     self.shared = len(processes) > 1
     self.processes = sorted(processes)
@@ -894,9 +948,6 @@ class _Finisher:
     kept = [np.concatenate([fetch(s[0][i]) for _, s in batches])[:q1 - q0] for i in range(2)]
     excluded = ([np.concatenate([fetch(s[1][i]) for _, s in batches])[:q1 - q0] for i in range(3)]
                 if self.names else None)
-    stats = batches[0][1][2]
-    self.nonfinite_rows = int(fetch(stats[0]))
-    max_norm = float(np.sqrt(np.float64(fetch(stats[1])))) * (1 + 1e-5)
     lo, hi = q0, q1
     if self.shared:
       share = -(-(q1 - q0) // len(self.processes))
@@ -904,7 +955,7 @@ class _Finisher:
       lo, hi = q0 + min(position * share, q1 - q0), q0 + min((position + 1) * share, q1 - q0)
     local = slice(lo - q0, hi - q0)
     results = self._finish(lo, hi, [x[local] for x in kept],
-                           [x[local] for x in excluded] if excluded is not None else None, max_norm)
+                           [x[local] for x in excluded] if excluded is not None else None)
     if self.shared:
       results = self._all_gather(results, q1 - q0, share)
       lo, hi = q0, q1
@@ -930,8 +981,7 @@ class _Finisher:
     return (every[:, :k].astype(np.int64), every_scores, every[:, k:k + 3], every[:, k + 3].astype(np.int8),
             every[:, k + 4].astype(bool))
 
-  def _finish(self, q0: int, q1: int, kept: list[np.ndarray], excluded: list[np.ndarray] | None,
-              max_norm: float):
+  def _finish(self, q0: int, q1: int, kept: list[np.ndarray], excluded: list[np.ndarray] | None):
     k, b = self.k, q1 - q0
     query_host = np.asarray(self.queries[q0:q1])  # [b, D]: rescored from this
     if query_host.dtype not in (np.float16, np.float32, np.float64):
@@ -947,8 +997,7 @@ class _Finisher:
       minimum.append(excluded[0][:, -1].astype(np.float64))
     valid = rows >= 0
     safe_rows = np.where(valid, rows, 0)
-    norms = np.linalg.norm(query_host.astype(np.float64), axis=1)
-    bound = _error_bound(self.dtype, self.dims, norms, max_norm)[:, None]  # [b, 1]
+    bound = _error_bound(self.dtype, self.dims, query_host, self.gallery_norms, self.store_unit)[:, None]  # [b, 1]
     fast = fast.astype(np.float64)
     exact = np.full(rows.shape, np.nan, np.float32)
     query_rows = np.arange(q0, q1)
