@@ -1,4 +1,5 @@
 import os
+import sys
 
 # Tests run on the CPU; a few multi-device tests need fake devices, and the
 # flag must be set before JAX starts.
@@ -9,6 +10,26 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from geotoken_jax.bench.s2_bench import uniform_sphere_points  # noqa: E402
+
+
+@pytest.fixture
+def serve_gs(monkeypatch):
+  """serve_gs(filesystem_class) serves gs:// and gcs:// from an in-memory fsspec filesystem for one test.
+
+  etils.epath caches one filesystem per protocol for the whole process: without clearing that cache
+  a test writes through the fake bucket of an earlier test on the same worker while fsspec reads
+  through its own (what failed under pytest-xdist)."""
+  from etils.epath import backend  # pylint: disable=g-import-not-at-top
+  clear_epath_cache = backend._FileSystemSpecBackend._get_filesystem.cache_clear  # pylint: disable=protected-access
+  registry = sys.modules["fsspec.registry"]._registry  # pylint: disable=protected-access
+
+  def serve(filesystem_class):
+    for protocol in ("gs", "gcs"):
+      monkeypatch.setitem(registry, protocol, filesystem_class)
+    clear_epath_cache()
+
+  yield serve
+  clear_epath_cache()
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import collections
 import io
-import sys
 import types
 from typing import ClassVar
 
@@ -62,13 +61,11 @@ class CountingGCS(MemoryFileSystem):
 
 
 @pytest.fixture
-def gcs(monkeypatch, tmp_path):
+def gcs(monkeypatch, tmp_path, serve_gs):
   monkeypatch.setenv("GEOTOKEN_MATRIX_CACHE", str(tmp_path / "matrix-cache"))  # not ~/.cache
-  registry = sys.modules["fsspec.registry"]._registry  # pylint: disable=protected-access
   CountingGCS.store.clear()
   CountingGCS.pseudo_dirs[:] = [""]
-  for protocol in ("gs", "gcs"):
-    monkeypatch.setitem(registry, protocol, CountingGCS)
+  serve_gs(CountingGCS)
   CountingGCS.reads.clear()
   yield CountingGCS
   CountingGCS.store.clear()

@@ -428,6 +428,7 @@ def _stable_top(values, count):
 
 
 @pytest.mark.parametrize("batch, cols, count, levels", [
+    (6, 4096, 64, -8),     # a few large distinct scores over ties at 8 levels (blocks of unequal maxima)
     (7, 4096, 16, 3),      # heavy ties: 3 distinct values
     (5, 4096, 16, 50),
     (4, 2048, 5, 2),       # count not a power of two
@@ -436,7 +437,9 @@ def _stable_top(values, count):
 ])
 def test_select_top_equals_a_stable_top_k_with_ties(batch, cols, count, levels):
   rng = np.random.default_rng(cols + count)
-  scores = rng.integers(0, levels, (batch, cols)).astype(np.float32)
+  scores = rng.integers(0, abs(levels), (batch, cols)).astype(np.float32)
+  if levels < 0:
+    scores += (rng.random((batch, cols)) < 0.01) * rng.integers(8, 1000, (batch, cols))
   scores[rng.random((batch, cols)) < 0.2] = -np.inf
   scores[0] = -np.inf  # a query with nothing valid
   if cols >= 16 * min(count, cols):
@@ -445,6 +448,21 @@ def test_select_top_equals_a_stable_top_k_with_ties(batch, cols, count, levels):
   expected_values, expected_positions = _stable_top(scores, min(count, cols))
   np.testing.assert_array_equal(np.asarray(values), expected_values)
   np.testing.assert_array_equal(np.asarray(positions), expected_positions)
+
+
+def test_select_top_breaks_ties_by_position_across_blocks():
+  """Tied scores in blocks of different maxima: the lower position first, whatever its block's max."""
+  scores = np.zeros((2, 4096), np.float32)
+  scores[:, 16 * 10] = 9  # block 10: the best score...
+  scores[:, 16 * 10 + 5] = 5  # ...and a 5
+  scores[:, 16 * 3] = 7  # block 3: the second best, and a 5 at a lower position than block 10's
+  scores[:, 16 * 3 + 9] = 5
+  scores[1, 16 * 200 + 1] = 5  # and one in a block with nothing better
+  values, positions = jax.jit(lambda s: search_module._select_top(s, 5))(scores)
+  expected_values, expected_positions = _stable_top(scores, 5)
+  np.testing.assert_array_equal(np.asarray(values), expected_values)
+  np.testing.assert_array_equal(np.asarray(positions), expected_positions)
+  assert expected_positions[0, 2] == 16 * 3 + 9 and expected_positions[0, 3] == 16 * 10 + 5
 
 
 def test_select_top_applies_the_mask_in_both_passes():
@@ -588,6 +606,27 @@ def test_nonfinite_gallery_rows_are_never_returned_and_are_counted(dtype):
   assert clean.nonfinite_gallery_rows == 0 and clean.stats()["nonfinite_gallery_rows"] == 0
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_nonfinite_rows_beyond_the_margin_with_negative_scores(dtype):
+  """More non-finite rows per chunk than the margin, and every finite score negative: a non-finite row
+  must neither score (0 once zeroed) nor take a candidate slot (NaN)."""
+  rng = np.random.default_rng(19)
+  queries = np.abs(_normalized(rng, 10, 16))
+  gallery = -np.abs(_normalized(rng, 300, 16))  # every inner product < 0
+  bad = np.sort(rng.choice(300, 40, replace=False))
+  gallery[bad[::2], rng.integers(0, 16, len(bad[::2]))] = np.nan
+  gallery[bad[1::2], rng.integers(0, 16, len(bad[1::2]))] = -np.inf
+  finite = np.setdiff1d(np.arange(300), bad)
+  expected = brute_force(queries, gallery[finite], 12)
+  expected = (finite[expected[0]],) + expected[1:]
+  one = sharding.create_mesh({"data": 1}, jax.devices()[:1])
+  assert search_module._block_width(search_module._chunk_layout(300, 300, 1, 16)[1], 16) > 1
+  for mesh, chunk_rows in ((None, 100), (one, 100), (one, 300)):  # the last: the block pre-selection
+    result = search(queries, gallery, 12, mesh=mesh, chunk_rows=chunk_rows, query_batch=8, dtype=dtype, margin=4)
+    _assert_matches(result, expected, 12)
+    assert result.nonfinite_gallery_rows == 40
+
+
 @pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
 def test_a_nonfinite_query_is_an_error_naming_its_row(value):
   queries = np.ones((70000, 4), np.float32)  # the bad row is in the second validation block
@@ -643,8 +682,9 @@ def test_plan_bounds_the_compiled_step(devices, batch, rows, dims, k, margin, dt
   assert plan["total_bytes_per_device"] >= plan["step_temp_bytes"] + plan["bytes_per_device"]["gallery_chunks"]
 
 
-def test_plan_command_prints_the_mp16_plan(capsys):
+def test_plan_command_prints_the_mp16_plan(capsys, monkeypatch):
   from geotoken_jax.bench import __main__ as bench_main  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(jax, "device_count", lambda: 1)  # --devices, not this machine's
   bench_main.main(["search", "--plan", "--gallery", "4720000", "--queries", "4720000", "--dims", "1536",
                    "--devices", "8", "--chunk_rows", "262144", "--query_batch", "16384", "--dtype", "bfloat16"])
   import json  # pylint: disable=g-import-not-at-top

@@ -202,12 +202,10 @@ def test_meshes_come_from_jax_make_mesh_with_dcn_axes():
 
 
 @pytest.fixture
-def memory_gs(monkeypatch):
+def memory_gs(serve_gs):
   """gs:// and gcs:// served by an in-memory fsspec filesystem (no network)."""
-  registry = sys.modules["fsspec.registry"]._registry  # pylint: disable=protected-access
   MemoryFileSystem.store.clear()
-  for protocol in ("gs", "gcs"):
-    monkeypatch.setitem(registry, protocol, MemoryFileSystem)
+  serve_gs(MemoryFileSystem)
   yield MemoryFileSystem.store  # {"gs://bucket/path": file}
   MemoryFileSystem.store.clear()
 

@@ -45,8 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--dims", default="256,768", help="comma-separated embedding widths")
   parser.add_argument("--k", type=int, default=16)
   parser.add_argument("--margin", type=int, default=16, help="extra candidates for the fp32 rescoring")
-  parser.add_argument("--chunk_rows", type=int, default=65536)
-  parser.add_argument("--query_batch", type=int, default=2048)
+  parser.add_argument("--chunk_rows", type=int, default=131072)
+  parser.add_argument("--query_batch", type=int, default=1024)
   parser.add_argument("--max_resident_queries", type=int, default=65536,
                       help="queries on the devices at a time (0: all)")
   parser.add_argument("--dtype", default="float32,bfloat16", help="comma-separated: float32, bfloat16")

@@ -9,28 +9,33 @@ Design (query blocks outside, gallery chunks inside, query batches innermost):
 * The gallery is never loaded whole.  It is read one chunk at a time through
   `gallery[a:b]` (an np.memmap, an np.ndarray or a `ConcatRows` over
   memory-mapped shards), so host memory is bounded by `chunk_rows`, not by the
-  gallery size.  The chunks are balanced (ceil(G / ceil(G / chunk_rows)) rows
-  each, padded to a multiple of the devices times the selection's block width),
+  gallery size.  Chunks are balanced (ceil(G / ceil(G / chunk_rows)) rows) and
+  padded to a multiple of the devices times the selection's block width,
   placed with `jax.make_array_from_callback`, their rows sharded over ALL mesh
   axes: on several processes each host reads only the rows its own devices
-  hold.  At most two chunks are on the devices at a time.
+  hold.  Once per chunk (`_prepare_chunk`) rows holding a NaN or an infinity
+  are zeroed and given a -inf bias (never returned; counted in
+  `SearchResult.nonfinite_gallery_rows`), padding rows too, and the largest row
+  norms are taken for the error bound below.  At most two chunks, and
+  `_IN_FLIGHT` steps, are on the devices at a time.
 * Queries are validated (a non-finite value is a ValueError naming its row) and
   placed `max_resident_queries` at a time (replicated, in their stored type: the
   float32 rescoring needs them unrounded), in balanced batches of at most
   `query_batch`; the gallery is read once per block of resident queries, so
-  `max_resident_queries` trades device memory against gallery re-reads
-  (`plan_memory` gives the bytes).
+  `max_resident_queries` trades device memory against gallery passes
+  (`plan_memory` gives the bytes of every resident buffer).
 * One jitted `jax.shard_map` step per (chunk, query batch): every device
   computes `q @ gᵀ` for its rows in `dtype` (bfloat16, or float32 at HIGHEST
-  precision; accumulated in float32), drops padding and non-finite gallery
-  rows (score -inf; counted), applies the exclusion rules, and selects its
-  exact top-(k + margin) by a block-max pre-selection (`_select_top`: the
-  per-block maxima's top-(k + margin) blocks hold the top-(k + margin) scores,
-  ties included; one `lax.top_k` over those blocks' scores), attaches global row
-  numbers, all-gathers the candidates over the device axes and takes a second
-  top_k; the chunk's candidates are then merged with the running ones (running
-  first: `lax.top_k` is stable, so on ties lower rows win).  The step compiles
-  once per shape and is cached across calls (`_chunk_step`).
+  precision; accumulated in float32), adds the bias, applies the exclusion
+  rules, and selects its exact top-(k + margin) with a block-max pre-selection
+  (`_select_top`: the top-(k + margin) blocks of consecutive rows by their
+  maxima hold the top-(k + margin) scores, ties included; the masks are fused
+  into that one pass over the scores, and a `lax.top_k` runs over the chosen
+  blocks only), attaches global row numbers, all-gathers the candidates over
+  the device axes and takes a second top_k; the chunk's candidates are then
+  merged with the running ones (running first: `lax.top_k` is stable, so on
+  ties lower rows win).  The step compiles once per shape and is cached across
+  calls (`_chunk_step`).
 * Excluded rows (see `Exclusion`) are kept out of the kept list (score -inf
   there) and tracked in a second running top-(k + margin) with their reason
   codes, so that what the filter removed from the unfiltered top-k is reported
@@ -38,23 +43,25 @@ Design (query blocks outside, gallery chunks inside, query batches innermost):
 * After the last chunk of a block the host finishes its queries (overlapped
   with the next block's device work; on several processes over a shared mesh,
   each process finishes its share of the queries and the results are
-  all-gathered): the candidates' device scores are within a proven bound E of
-  the exact inner product (float32: 2 (D + 2) 2⁻²⁴ |q| max|g|; bfloat16 adds
-  the inputs' rounding, 2⁻⁸ |q| max|g|), so only the candidates that can still
-  reach the top k (device score within 2E of the k-th) are rescored from the
-  original rows: float32, from the float64 inner product.  Exclusion reasons are
-  recomputed with those scores and float64 great-circle distances, and
-  everything is ordered by (-score, row).  With dtype "float32" the result
-  equals brute force exactly (float64 products rounded to float32), ties broken
-  by the lower row.  With "bfloat16" it is exact whenever each query's true
-  top-k lies within its bfloat16 top-(k + margin) (kept and excluded lists
-  alike); a query for which the bound cannot prove that is counted in
-  `SearchResult.uncertified_queries`.  The returned scores are always the
-  rescored float32 ones.
+  all-gathered).  Every device score is within a proven bound E of the exact
+  inner product (`_error_bound`; float32: 2 (D + 2) 2⁻²⁴ |q| max|g|; bfloat16
+  adds the inputs' rounding, about 2⁻⁸ |q| max|g|), so only the candidates that
+  can still reach the top k are rescored from the original rows (float32, from
+  the float64 inner product): the device's top k, then every candidate whose
+  device score + E reaches the k-th of those exact scores.  Exclusion reasons
+  are recomputed with exact scores and float64 great-circle distances, and
+  everything is ordered by (-score, row).  The result equals the brute force
+  (float64 products rounded to float32, ties to the lower row) whenever each
+  query's true top-k lies within its device top-(k + margin) (kept and
+  excluded lists alike): with float32 always, short of more than `margin`
+  rows within float32 rounding of the k-th; with bfloat16 when the margin
+  covers its rounding.  A query whose list the bound cannot prove complete is
+  counted in `SearchResult.uncertified_queries`.  The returned scores are
+  always the rescored float32 ones.
 * `prefilter="bfloat16"` (dtype "float32" only): the device pass runs in
-  bfloat16 (faster wherever bfloat16 matmuls are), and every query whose exact
-  top-k the bound cannot prove is searched again in float32
-  (`SearchResult.fallback_queries`): the result is the float32 one.
+  bfloat16 (faster wherever bfloat16 matmuls are), and every query it cannot
+  certify is searched again in float32 (`SearchResult.fallback_queries`): the
+  result is the float32 one.
 
 Multi-host: every process calls `search` in step with the same arguments and
 gets the same (replicated) numpy results.  `mesh=None` uses a mesh over this
@@ -64,9 +71,12 @@ itself); pass a global mesh (`sharding.create_mesh`) to split the reads.
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import dataclasses
 import functools
 import math
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -86,6 +96,7 @@ _DTYPES = ("bfloat16", "float32")
 _PREFILTERS = (None, "bfloat16")
 _RESCORE_ELEMENTS = 1 << 22  # gathered gallery values per host rescoring block
 _VALIDATE_ROWS = 1 << 16  # query rows checked for non-finite values at a time
+_IN_FLIGHT = 4  # device steps dispatched ahead of the host (XLA:CPU's collectives stall with many more)
 _UNIT = 2.0**-24  # float32 unit roundoff
 _BF16_UNIT = 2.0**-9  # bfloat16 unit roundoff (round to nearest even)
 
@@ -346,7 +357,8 @@ def _take_rows(gallery, rows: np.ndarray) -> np.ndarray:
 
 def _rescore(queries: np.ndarray, gallery, rows: np.ndarray, need: np.ndarray) -> np.ndarray:
   """float32 scores (the float64 inner product, rounded) of queries [b, D] against gallery rows
-  [b, C] where need [b, C]; NaN elsewhere.  Pairs go in gallery-row order, in blocks."""
+  [b, C] where need [b, C]; NaN elsewhere.  Pairs go in gallery-row order, in blocks (on a few
+  threads for an in-memory gallery: numpy releases the GIL in the gathers and products)."""
   out = np.full(rows.shape, np.nan, np.float32)
   query_of, slot = np.nonzero(need)
   if not query_of.size:
@@ -354,11 +366,21 @@ def _rescore(queries: np.ndarray, gallery, rows: np.ndarray, need: np.ndarray) -
   picked = rows[query_of, slot]
   order = np.argsort(picked, kind="stable")
   step = max(1, _RESCORE_ELEMENTS // max(1, queries.shape[1]))
-  for a in range(0, order.size, step):
+
+  def block(a):
     sel = order[a:a + step]
     g = _take_rows(gallery, picked[sel])  # [n, D]
     q = queries[query_of[sel]]  # [n, D]
     out[query_of[sel], slot[sel]] = np.einsum("nd,nd->n", q, g, dtype=np.float64).astype(np.float32)
+
+  starts = range(0, order.size, step)
+  threads = min(len(starts), 4, os.cpu_count() or 1) if isinstance(gallery, np.ndarray) else 1
+  if threads > 1:
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+      list(pool.map(block, starts))
+  else:
+    for a in starts:
+      block(a)
   return out
 
 
@@ -388,20 +410,22 @@ def _error_bound(dtype: str, dims: int, queries: np.ndarray, gallery_norms: np.n
   margin: gamma = 2 (D + 2) 2^-24.  bfloat16: with q = a + alpha, g = b + beta (a, b the bfloat16
   roundings; their products are exact in float32), q.g - a.b = a.beta + alpha.b + alpha.beta, so
   |s - q.g| <= gamma |a| |b| + |a| |beta| + |alpha| |b| + |alpha| |beta|.  store_unit: the rows
-  searched are a rounding (to that unit) of the rows rescored: + store_unit |q| |g|.  The norms carry a relative
-  margin for their own float32 / float64 rounding, and a tiny absolute term covers values flushed
-  to zero."""
+  searched are a rounding (to that unit) of the rows rescored: + store_unit |q| |g|.  The gallery
+  norms carry their own margin (float32 sums on the device); the result a relative one for the
+  float64 arithmetic here, and a tiny absolute term covers values flushed to zero."""
   gamma = 2.0 * (dims + 2) * _UNIT
-  q = np.asarray(queries, np.float64)
+  q = np.asarray(queries, np.float32)
+  norm = lambda x: np.sqrt(np.einsum("nd,nd->n", x, x, dtype=np.float64))  # noqa: E731
+  q_norm = norm(q)
   if dtype == "float32":
-    bound = gamma * np.linalg.norm(q, axis=1) * gallery_norms[0]
+    bound = gamma * q_norm * gallery_norms[0]
   else:
-    a = np.asarray(np.asarray(queries, np.float32).astype(ml_dtypes.bfloat16), np.float64)
-    a_norm, alpha_norm = np.linalg.norm(a, axis=1), np.linalg.norm(q - a, axis=1)
+    a = q.astype(ml_dtypes.bfloat16).astype(np.float32)
+    a_norm, alpha_norm = norm(a), norm(q - a)  # q - a is exact in float32
     b_norm, beta_norm = gallery_norms[1], gallery_norms[2]
     bound = (gamma * a_norm * b_norm + a_norm * beta_norm + alpha_norm * b_norm + alpha_norm * beta_norm)
   if store_unit:
-    bound = bound + store_unit * (1 + store_unit) * np.linalg.norm(q, axis=1) * gallery_norms[0]
+    bound = bound + store_unit * (1 + store_unit) * q_norm * gallery_norms[0]
   return bound * (1 + 1e-4) + dims * 1e-37
 
 
@@ -724,8 +748,11 @@ def search(queries, gallery, k: int, *, mesh: Mesh | None = None, chunk_rows: in
   Args:
     queries: [Q, D] float16 / float32 array-like (np.ndarray, np.memmap); every value finite.
     gallery: [G, D]: anything with `.shape` and `gallery[a:b]` -> np array (np.memmap,
-      np.ndarray, ConcatRows); read chunk by chunk, never whole.  Rows holding a NaN or an
-      infinity are never returned (counted in `nonfinite_gallery_rows`).
+      np.ndarray, ConcatRows); read chunk by chunk, never whole.  The candidates are rescored from
+      `gallery.take(rows)` where it has one: other row views may slice a float16 / bfloat16
+      rounding of what they take (neighbors.SearchRows does), nothing coarser.  Rows holding a NaN
+      or an infinity are never returned (counted in `nonfinite_gallery_rows`); inner products
+      must stay within float32's range.
     k: neighbours per query; k > G is allowed (the extra slots are -1 / -inf).
     mesh: devices to shard each chunk's rows over (all its axes); None: every local device.
     chunk_rows: gallery rows read and searched at a time.
@@ -850,6 +877,7 @@ def search(queries, gallery, k: int, *, mesh: Mesh | None = None, chunk_rows: in
   prepare = _prepare_chunk(mesh)
   gallery_stats = []  # per chunk (first pass): (non-finite rows, largest squared row norm), on device
   pending = None  # the previous block's device results, finished while this block's steps run
+  in_flight = collections.deque()  # outputs of the steps not yet known to be done
   for block in blocks:
     placed, states = [], []
     for q0 in block:
@@ -867,6 +895,9 @@ def search(queries, gallery, k: int, *, mesh: Mesh | None = None, chunk_rows: in
         gallery_stats.append((nonfinite, norms2))
       for i, (q, qx) in enumerate(placed):
         states[i] = step(q, g, bias, rows, qx, gx, dup, *states[i])
+        in_flight.append(states[i][0][0])
+        if len(in_flight) > _IN_FLIGHT:
+          jax.block_until_ready(in_flight.popleft())
         if bar is not None:
           bar.update(1)
       if previous_chunk is not None:  # at most two chunks on the devices: wait for the older one
@@ -879,7 +910,8 @@ def search(queries, gallery, k: int, *, mesh: Mesh | None = None, chunk_rows: in
       fetch = lambda x: np.asarray(x.addressable_data(0))  # noqa: E731
       finisher.nonfinite_rows = int(sum(int(fetch(n)) for n, _ in gallery_stats))
       norms2 = np.max([np.asarray(fetch(m), np.float64) for _, m in gallery_stats], axis=0)
-      finisher.gallery_norms = np.sqrt(norms2) * (1 + 1e-5)  # float32 sums of squares: a margin
+      # float32 sums of squares (relative error <= D u): a margin.
+      finisher.gallery_norms = np.sqrt(norms2) * (1 + 2 * dims * _UNIT)
     pending = (block, [(min(q0 + batch, num_queries), s) for q0, s in zip(block, states)])
   finisher.finish(*pending)
   if bar is not None:
@@ -1031,15 +1063,15 @@ class _Finisher:
         r[near & (scores_now() >= self.exclusion.duplicate_similarity) & (reason != SAME_ID)] = NEAR_DUPLICATE
       return np.where(valid, r, 0)
 
-    reasons = reasons_now()
-    kept_mask = valid & (reasons == KEPT)
-    # Only candidates within 2E of the k-th (kept, and unfiltered) can reach the top k.
-    kth_kept = _kth_largest(fast, kept_mask, k)[:, None]
-    need = kept_mask & (fast >= kth_kept - 2 * bound)
-    if excluded is not None:
-      kth_all = _kth_largest(fast, valid, k)[:, None]
-      need |= valid & (fast >= kth_all - 2 * bound)
-    rescore(need)
+    # Only candidates whose device score is within E of the k-th exact score can reach the top k.
+    # The exact scores of the device's top k give a lower bound L of the k-th exact score; a
+    # candidate with device score + E < L has k rows above it.  Kept rows, and unfiltered.
+    masks = lambda: [valid & (reasons_now() == KEPT)] + ([valid] if excluded is not None else [])  # noqa: E731
+    for mask in masks():
+      rescore(mask & (fast >= _kth_largest(fast, mask, k)[:, None]))
+    for mask in masks():
+      lower = _kth_largest(np.where(np.isnan(exact), -np.inf, exact), mask, k)[:, None]
+      rescore(mask & (fast + bound >= lower))
     scores = scores_now()
     reasons = reasons_now()
     kept_mask = valid & (reasons == KEPT)
