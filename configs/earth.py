@@ -14,9 +14,10 @@ from geotoken_jax import models, sharding
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   variant = arg or "default"
-  if variant not in ("default", "smoke", "align", "align_smoke", "retrieval", "retrieval_smoke", "retrieval_vit"):
+  if variant not in ("default", "smoke", "align", "align_smoke", "retrieval", "retrieval_smoke", "retrieval_vit",
+                     "retrieval_tiny", "retrieval_tiny_smoke"):
     raise ValueError(f"unknown variant {variant!r}: use configs/earth.py[:smoke|:align|:align_smoke|"
-                     ":retrieval|:retrieval_smoke|:retrieval_vit]")
+                     ":retrieval|:retrieval_smoke|:retrieval_vit|:retrieval_tiny|:retrieval_tiny_smoke]")
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.tokens = ml_collections.ConfigDict({"level": 20, "group_size": 2})
@@ -75,13 +76,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       "gallery": "train",  # gallery:K's locations: train (the training cells), mp16_100k or a CSV
       "gallery_limit": 0,
       "fused_weight": 0.3,  # fused = log-probability + w * similarity logit (0.3: best of 0.1 / 0.3 / 1 on validation)
+      # Label-using upper-bound rows (oracle:nearest_train: the training location nearest to the
+      # truth), beside the strategies; evaluate --oracles turns them on too.
+      "oracles": False,
   })
 
   if variant.startswith("align"):
     _align(config, smoke=variant == "align_smoke")
   if variant.startswith("retrieval"):
     model = config.model
-    _retrieval(config, smoke=variant == "retrieval_smoke")
+    _retrieval(config, smoke=variant.endswith("_smoke"), tiny=variant.startswith("retrieval_tiny"))
     if variant == "retrieval_vit":  # the ViT of the default variant + the neighbours as extra memory
       config.model = model
       config.model.update(neighbor_memory=True)
@@ -138,16 +142,21 @@ def _align(config: ml_collections.ConfigDict, smoke: bool) -> None:
     config.evaluate.update(strategies="gallery:1,gallery:5:medoid", batch_size=32, gallery_limit=500)
 
 
-def _retrieval(config: ml_collections.ConfigDict, smoke: bool) -> None:
+def _retrieval(config: ml_collections.ConfigDict, smoke: bool, tiny: bool = False) -> None:
   """The retrieval-augmented GeoToken of the earth benchmark, as one recipe (geotoken_jax.recipe):
   the alignment model (the :align variant) -> embeddings of every split -> each split's
   neighbours in the training split (self, duplicates and the query's own level-6 cell
   excluded: the held-out splits are whole level-6 cells) -> the paper's feature encoder over
   the query's and K neighbours' (image, loc_head) embeddings and the neighbours' S2 tokens ->
   evaluation beside the kNN rows.  Everything lives in the one workdir.
+
+  tiny (:retrieval_tiny): the Im2GPS baseline instead of an aligner -- recipe.alignment is
+  "tiny_image:16" (16 x 16 grey, area-averaged from the 64 px images, mean-centred,
+  L2-normalized; no align stage), the stores hold one field, "tiny" (256-d), and the kNN rows
+  are kNN over tiny images.
   """
   config.recipe = ml_collections.ConfigDict({
-      "alignment": get_config("align_smoke" if smoke else "align"),
+      "alignment": "tiny_image:16" if tiny else get_config("align_smoke" if smoke else "align"),
       "splits": ("train", "validation", "test"),
       "embedding_dtype": "float16",
       "embed_batch_size": 256,
@@ -167,13 +176,17 @@ def _retrieval(config: ml_collections.ConfigDict, smoke: bool) -> None:
   config.model = models.model_config("paper_modern")
   config.model.update(d_model=128, num_heads=4, ff_dim=512, encoder_layers=2, decoder_layers=3, dropout=0.0)
   config.model.features.update(num_neighbors=k, num_features=2, feature_dim=256)
+  if tiny:  # one field, "tiny": 16 x 16 grey = 256-d
+    config.retrieval.fields = ("tiny",)
+    config.model.features.update(num_features=1, feature_dim=256)
   config.num_epochs = 2
   config.optim.update(learning_rate=1e-3, warmup_steps=100)
   config.eval_every_steps = 0
   config.evaluate.update(strategies=("greedy,beam:5,sample:30:0.7:medoid,sample:30:0.7:vote,"
                                      f"knn:1,knn:{k}:medoid,knn:{k}:vote,knn:{k}:wvote"))
   if smoke:  # a fixture-sized run of every stage (tests): 2,000 training rows
-    config.recipe.alignment.data.train_limit = 2000
+    if not tiny:
+      config.recipe.alignment.data.train_limit = 2000
     config.data.train_limit = 2000
     config.data.eval_limit = 64
     config.retrieval.update(group="", chunk_rows=512, query_batch=256, block_rows=1024)

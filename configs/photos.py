@@ -84,6 +84,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # gallery:K / similarity / fused: an alignment model's workdir and the GPS gallery
       # (GeoCLIP's 100K MP16 coordinates by default here).
       "alignment_workdir": "", "gallery": "mp16_100k", "gallery_limit": 0, "fused_weight": 1.0,
+      "oracles": False,  # label-using upper-bound rows (oracle:nearest_train); evaluate --oracles
   })
 
   if variant in ("tiny", "tiny_holdout"):

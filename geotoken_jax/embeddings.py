@@ -10,8 +10,9 @@ Layout of an output directory (local or gs://, written through etils.epath):
   manifest.json            format version, settings, fields and their dims, the
                            shards (row ranges, files, sha256), non-finite counts,
                            the caller's model identity (`extra`: inference.run_embedding
-                           records the aligner's workdir, step and parameter checksum,
-                           aligner_identity), timings
+                           records the aligner's workdir, step and parameter checksum;
+                           a tiny-image store {"embedding": "tiny_image", size, colour,
+                           image_size, resize}: aligner_identity), timings
   <name>/<shard:05d>.npy   rows [shard * shard_rows, (shard + 1) * shard_rows) of
                            one array, np.save format (np.load(mmap_mode="r")):
     <field>                an embedding, float16 or float32 [n, dim]
@@ -81,11 +82,52 @@ ALIGNER_KEYS = ("workdir", "step", "params")
 ALIGNER_CONTENT_KEYS = ("step", "params")
 
 
+# A store written by something else than an aligner says so: extra["embedding"] names the
+# embedder (an aligner's stores carry no such key).  Per embedder, the keys of its identity and
+# those that decide the vectors (compared to decide whether a store is stale or usable).
+ALIGNER = "aligner"
+IDENTITY_KEYS = {ALIGNER: ALIGNER_KEYS,
+                 "tiny_image": ("embedding", "size", "colour", "image_size", "resize")}
+CONTENT_KEYS = {ALIGNER: ALIGNER_CONTENT_KEYS,
+                "tiny_image": ("embedding", "size", "colour", "image_size", "resize")}
+
+
+def embedder_kind(identity: Mapping[str, Any]) -> str:
+  """"aligner" or the embedding an identity (or a manifest's `extra`) names, e.g. "tiny_image"."""
+  return str(identity.get("embedding") or ALIGNER)
+
+
 def aligner_identity(manifest: Mapping[str, Any]) -> dict:
-  """{"workdir", "step", "params"} of the aligner a store's manifest records (None where it
-  records none: "params" is missing from stores written before parameter checksums)."""
+  """The identity of the embedder a store's manifest records: {"workdir", "step", "params"} of an
+  aligner (None where it records none: "params" is missing from stores written before parameter
+  checksums), or the identity keys of another embedder (IDENTITY_KEYS, e.g. a tiny-image store's
+  {"embedding": "tiny_image", "size", "colour", "image_size", "resize"})."""
   extra = manifest.get("extra") or {}
-  return {key: extra.get(key) for key in ALIGNER_KEYS}
+  kind = embedder_kind(extra)
+  keys = IDENTITY_KEYS.get(kind) or tuple(k for k in extra if k not in ("workdir", "split", "tokens", "model"))
+  return {key: extra.get(key) for key in keys}
+
+
+def differing_keys(stored: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+  """The content keys whose values differ between two embedder identities: ["embedding"] alone
+  when they name different embedders (an aligner and a tiny-image embedding), else those of
+  CONTENT_KEYS of their kind (a value the store does not record differs from any)."""
+  kind = embedder_kind(current)
+  if embedder_kind(stored) != kind:
+    return ["embedding"]
+  keys = CONTENT_KEYS.get(kind) or sorted((set(stored) | set(current)) - {"workdir"})
+  return [key for key in keys if stored.get(key) is None or stored.get(key) != current.get(key)]
+
+
+def embedder_differences(stored: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+  """differing_keys as "KEY: STORED -> CURRENT" (e.g. "params: '0123…' -> 'fedc…'", "embedding:
+  'aligner' -> 'tiny_image'"); empty when the same embedder (whatever its folder) wrote both."""
+  out = []
+  for key in differing_keys(stored, current):
+    old, new = (embedder_kind(stored), embedder_kind(current)) if key == "embedding" else (stored.get(key),
+                                                                                          current.get(key))
+    out.append(f"{key}: {'(not recorded)' if old is None else repr(old)} -> {new!r}")
+  return out
 
 
 def aligner_differences(stored: Mapping[str, Any], current: Mapping[str, Any],

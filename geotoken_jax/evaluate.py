@@ -12,7 +12,10 @@ checkpoint); --config FILE replaces the config, --data_dir the data folder.
 image files' names, sizes and times, and its rejected rows are reported as
 `skipped`.  Writes under O (default WORKDIR/eval/SPLIT-stepSTEP): results.md /
 results.json (one row per strategy), predictions/STRATEGY.jsonl, plots/.
-Resumable; see geotoken_jax.inference.run_evaluation.
+Resumable; see geotoken_jax.inference.run_evaluation.  --oracles adds the
+label-using upper bounds to the table (not methods): `oracle:nearest_train` (the
+training split's location nearest to each image's true location) and
+`oracle:POOL` (each strategy pool's entry nearest to it).
 """
 
 from __future__ import annotations
@@ -25,6 +28,9 @@ from absl import flags
 from geotoken_jax import command_line as cl
 
 _PLOTS = flags.DEFINE_bool("plots", True, "write the CDF and world-map plots")
+_ORACLES = flags.DEFINE_bool("oracles", None, "also the label-using upper-bound rows oracle:... (oracle:nearest_train: "
+                             "each image at the training location nearest to its true location; oracle:POOL: each "
+                             "pool's entry nearest to it); default the config's evaluate.oracles")
 
 
 def main(argv: Sequence[str]) -> int:
@@ -59,7 +65,7 @@ def main(argv: Sequence[str]) -> int:
     result = inference.run_evaluation(config, workdir, strategy_text=cl.STRATEGIES.value, split=cl.SPLIT.value,
                                       source=source, split_label=label, step=cl.STEP.value,
                                       output_dir=cl.OUTPUT_DIR.value, limit=cl.LIMIT.value, make_plots=_PLOTS.value,
-                                      alignment_workdir=cl.ALIGNMENT_WORKDIR.value)
+                                      alignment_workdir=cl.ALIGNMENT_WORKDIR.value, oracles=_ORACLES.value)
   except (ValueError, FileNotFoundError, checkpoint.CheckpointRestoreError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -56,6 +56,44 @@ def haversine_km_jax(a, b):
   return haversine_km(a, b, xp=jnp)
 
 
+def unit_vectors(latlng) -> np.ndarray:
+  """float64 [N, 3] points on the unit sphere of [N, 2] (lat, lon) degrees."""
+  x = np.radians(np.asarray(latlng, np.float64).reshape(-1, 2))
+  cos_lat = np.cos(x[:, 0])
+  return np.stack([cos_lat * np.cos(x[:, 1]), cos_lat * np.sin(x[:, 1]), np.sin(x[:, 0])], axis=-1)
+
+
+def nearest_locations(queries, gallery, *, max_entries: int = 1 << 22, margin: float = 1e-12
+                      ) -> tuple[np.ndarray, np.ndarray]:
+  """(index int64 [Q], distance_km float64 [Q]): for each query location, the gallery location
+  nearest to it on the great circle (haversine_km; ties to the lower gallery row), exactly.
+
+  Float64 brute force in chunks of queries (max_entries scores at a time): unit-vector inner
+  products (a BLAS matmul) shortlist every gallery row within `margin` of the best one (the
+  products' rounding error is ~1e-15, so the nearest row is always shortlisted), and the
+  shortlist is ranked by haversine_km itself, so the result is the float64 haversine argmin."""
+  queries = np.asarray(queries, np.float64).reshape(-1, 2)
+  gallery = np.asarray(gallery, np.float64).reshape(-1, 2)
+  if not len(gallery):
+    raise ValueError("nearest_locations: the gallery is empty")
+  if not (np.isfinite(queries).all() and np.isfinite(gallery).all()):
+    raise ValueError("nearest_locations: locations must be finite")
+  uq, ug = unit_vectors(queries), unit_vectors(gallery)
+  index = np.zeros(len(queries), np.int64)
+  distance = np.zeros(len(queries), np.float64)
+  chunk = max(1, int(max_entries) // len(gallery))
+  for start in range(0, len(queries), chunk):
+    stop = min(start + chunk, len(queries))
+    dots = uq[start:stop] @ ug.T  # [c, G]
+    rows, cols = np.nonzero(dots >= dots.max(axis=1, keepdims=True) - margin)
+    d = haversine_km(queries[start + rows], gallery[cols])
+    order = np.lexsort((cols, d, rows))  # by query, then distance, then gallery row
+    first = order[np.r_[0, np.flatnonzero(np.diff(rows[order])) + 1]]
+    index[start + rows[first]] = cols[first]
+    distance[start + rows[first]] = d[first]
+  return index, distance
+
+
 def _check_distances(distances_km) -> np.ndarray:
   d = np.asarray(distances_km, np.float64)
   nan = np.isnan(d)

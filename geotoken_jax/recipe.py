@@ -7,11 +7,15 @@ Stages, each skipped when its output is complete and resumable when it is not
 prediction files), all under one workdir W:
 
   1. align     the alignment model (config.recipe.alignment, a full training
-               config) trained in W/<retrieval.alignment_workdir>
-  2. embed     every split in config.recipe.splits embedded by it into
+               config) trained in W/<retrieval.alignment_workdir>; none when
+               recipe.alignment is the string "tiny_image[:S[:colour]]" (the
+               Im2GPS tiny-image embedding, encoders.tiny_image: no parameters)
+  2. embed     every split in config.recipe.splits embedded by it (or by the
+               tiny-image embedding: one field, "tiny") into
                W/<retrieval.embeddings>/<split>/; a store is kept only if this
-               aligner wrote it (workdir, step, parameter checksum: embed_action),
-               else re-embedded (a retrained aligner leaves no stale store)
+               embedder wrote it (an aligner's step and parameter checksum, a tiny
+               image's size, colour and pixels: embed_action), else re-embedded
+               (a retrained aligner leaves no stale store)
   3. index     each split searched in the gallery split (self and duplicates
                excluded) into W/<retrieval.neighbors>/<split>/; lists searched in
                other stores or with other settings than the config's are rebuilt
@@ -47,12 +51,14 @@ def _log(message: str) -> None:
 def embed_action(directory, *, num_records: int, aligner: dict, dtype: str) -> tuple[str, str]:
   """What the embed stage does with a split's store, and why (for the log):
 
-    "skip"       complete, written by this aligner (step and parameter checksum, not its folder:
-                 embeddings.aligner_identity against RestoredModel.identity()), with this many
-                 records, in this dtype
+    "skip"       complete, written by this embedder (`aligner`: an Embedder's identity(); an
+                 aligner's step and parameter checksum, not its folder: embeddings.aligner_identity
+                 against RestoredModel.identity(); a tiny image's size, colour and pixels), with
+                 this many records, in this dtype
     "resume"     the same, but incomplete (an interrupted run): its missing shards are written
     "overwrite"  anything else a store holds: a retrained aligner's embeddings are stale even
-                 when the record count matches, and so is a store of another split size or dtype
+                 when the record count matches, and so is a store of another embedder (a tiny-image
+                 store for an aligner, or one of another size), split size or dtype
     "embed"      no store yet
   """
   path = epath.Path(directory) / embeddings.MANIFEST
@@ -64,10 +70,11 @@ def embed_action(directory, *, num_records: int, aligner: dict, dtype: str) -> t
     return "overwrite", f"its manifest cannot be read ({type(e).__name__}: {e})"
   if manifest.get("format") != embeddings.FORMAT or manifest.get("version") != embeddings.VERSION:
     return "overwrite", f"not a {embeddings.FORMAT} version {embeddings.VERSION} store"
-  stale = embeddings.aligner_differences(embeddings.aligner_identity(manifest), aligner,
-                                         keys=embeddings.ALIGNER_CONTENT_KEYS)
+  stored = embeddings.aligner_identity(manifest)
+  stale = embeddings.embedder_differences(stored, aligner)
   if stale:
-    return "overwrite", "written by another aligner (" + "; ".join(stale) + ")"
+    both_aligners = embeddings.embedder_kind(stored) == embeddings.embedder_kind(aligner) == embeddings.ALIGNER
+    return "overwrite", f"written by another {'aligner' if both_aligners else 'embedder'} (" + "; ".join(stale) + ")"
   settings = manifest.get("settings") or {}
   if settings.get("num_records") != num_records:
     return "overwrite", f"it holds {settings.get('num_records')} records, the split has {num_records}"
@@ -79,6 +86,8 @@ def embed_action(directory, *, num_records: int, aligner: dict, dtype: str) -> t
     embeddings.open_embeddings(directory)
   except (FileNotFoundError, ValueError) as e:
     return "resume", f"shard files are missing ({e})"
+  if embeddings.embedder_kind(aligner) != embeddings.ALIGNER:
+    return "skip", f"written by this embedder ({json.dumps(aligner, sort_keys=True)})"
   return "skip", f"written by this aligner (step {aligner.get('step')}, parameters {aligner.get('params')})"
 
 
@@ -95,16 +104,20 @@ def run_recipe(config: ml_collections.ConfigDict, workdir) -> dict:
   workdir = epath.Path(workdir)
   recipe = config.recipe
   timings: dict = {}
-  align_dir = sources.alignment_workdir(config, workdir)
+  tiny = sources.tiny_image_spec(config)  # recipe.alignment = "tiny_image[:S[:colour]]": nothing to train
 
   # 1. The alignment model.
-  if (align_dir / "results.json").exists():
-    _log(f"align: done ({align_dir})")
+  if tiny is not None:
+    _log(f"align: none ({tiny}: the tiny-image embedding has no parameters)")
   else:
-    _log(f"align: training in {align_dir}")
-    out = _timed(timings, "align", lambda: trainer.train_and_evaluate(recipe.alignment, align_dir))
-    if out.get("preempted"):
-      return out
+    align_dir = sources.alignment_workdir(config, workdir)
+    if (align_dir / "results.json").exists():
+      _log(f"align: done ({align_dir})")
+    else:
+      _log(f"align: training in {align_dir}")
+      out = _timed(timings, "align", lambda: trainer.train_and_evaluate(recipe.alignment, align_dir))
+      if out.get("preempted"):
+        return out
 
   # 2. Embeddings of every split (the gallery first).
   # The records are this config's (its data block, limits included), so rows match the
@@ -112,15 +125,21 @@ def run_recipe(config: ml_collections.ConfigDict, workdir) -> dict:
   # A store is kept only when the aligner as it is now wrote it (embed_action): a retrained
   # aligner (a new step or other parameters) re-embeds every split, and the index stage then
   # rebuilds the lists searched in the old stores.
+  # The tiny-image embedding reads the images as the GeoToken run's data pipeline gives them
+  # (data.image_size, data.image_resize_mode(config)): the pixels its model sees.
   spec = inference.token_spec(config)
   splits = list(dict.fromkeys([str(config.retrieval.gallery), *recipe.splits]))
   dtype = str(recipe.get("embedding_dtype", "float16"))
-  aligner = inference.restore_model(str(align_dir))
-  identity = aligner.identity()
+  if tiny is not None:
+    aligner, embedder = None, inference.tiny_image_embedder(tiny, config)
+  else:
+    aligner = inference.restore_model(str(align_dir))
+    embedder = inference.AlignerEmbedder(aligner)
+  identity = embedder.identity()
   refreshed = []
   for split in splits:
     output = sources.embeddings_dir(config, workdir, split)
-    source = data.get_source(config.data, split, spec, resize=data.image_resize_mode(recipe.alignment))
+    source = data.get_source(config.data, split, spec, resize=embedder.resize)
     action, why = embed_action(output, num_records=len(source), aligner=identity, dtype=dtype)
     if action == "skip":
       _log(f"embed: {split} done ({output}: {why})")
@@ -129,9 +148,10 @@ def run_recipe(config: ml_collections.ConfigDict, workdir) -> dict:
     if action == "overwrite":
       refreshed.append(split)
     _timed(timings, f"embed_{split}", lambda: inference.run_embedding(  # noqa: B023
-        align_dir, output, split_label=split, source=source, dtype=dtype, restored=aligner,  # noqa: B023
+        None if tiny is not None else align_dir, output, split_label=split, source=source,  # noqa: B023
+        dtype=dtype, embedder=embedder, config=config if tiny is not None else None,
         overwrite=action == "overwrite", batch_size=int(recipe.get("embed_batch_size", 256))))  # noqa: B023
-  aligner = None  # its parameters leave the devices before the GeoToken model trains
+  aligner = embedder = None  # its parameters leave the devices before the GeoToken model trains
 
   # 3. Neighbour lists: each split in the gallery.  Lists searched in other stores (re-embedded
   # above) or with other settings than the config's are rebuilt (the index job says which).
@@ -164,7 +184,9 @@ def run_recipe(config: ml_collections.ConfigDict, workdir) -> dict:
     _log(f"evaluate {split}: {config.evaluate.strategies}")
     evaluation = _timed(timings, f"evaluate_{split}", lambda: inference.run_evaluation(  # noqa: B023
         config, workdir, split=split, make_plots=False))
-    rows.update({f"retrieval GeoToken {name}{suffix}": row for name, row in evaluation["results"].items()})
+    # Oracle rows (evaluate.oracles: label-using upper bounds) are no method of the model: unprefixed.
+    rows.update({(f"{name}{suffix}" if name.startswith("oracle:") else f"retrieval GeoToken {name}{suffix}"): row
+                 for name, row in evaluation["results"].items()})
     if baseline:
       _log(f"evaluate {split}: baseline {baseline}")
       base = _timed(timings, f"evaluate_baseline_{split}", lambda: inference.run_evaluation(  # noqa: B023

@@ -3,7 +3,6 @@ bad configs, URL workdirs, and how gradient accumulation and meshes are laid out
 
 import json
 import os
-import sys
 
 import jax
 import numpy as np

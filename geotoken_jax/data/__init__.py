@@ -10,6 +10,8 @@
               training leak filter (`subsets`).
 `training_tokens`  every training record's tokens without decoding an image
               (what the decoding trie is built from).
+`training_locations`  every training record's (lat, lon) in float64, without decoding
+              an image (the evaluation's nearest-training-location oracle).
 `image_resize_mode`  how a run's images are decoded and resized: "clip" (exactly
               CLIP's own preprocessing) when the images feed a CLIP tower, else
               "default"; data.resize overrides it.
@@ -88,7 +90,8 @@ def image_resize_mode(config) -> str:
   "clip" when the images feed a CLIP tower: model.encoder "clip", an alignment
   model (model.architecture "align") with image_tower "clip", or a model that
   reads neighbour features (encoder "features") whose recipe's alignment model
-  (recipe.alignment) has a CLIP image tower; else "default".  "clip" decodes
+  (recipe.alignment) has a CLIP image tower; else "default" (a recipe whose
+  alignment is the tiny-image embedding, "tiny_image[:S[:colour]]", included).  "clip" decodes
   exactly as transformers' CLIPImageProcessor (full-resolution decode, bicubic,
   its size rounding and centre crop) and trains on bicubic random resized crops;
   "default" decodes JPEGs at a reduced scale (draft) and resamples bilinearly.
@@ -104,9 +107,9 @@ def image_resize_mode(config) -> str:
   if tower == "clip":
     return "clip"
   recipe = config.get("recipe") if tower == "features" else None
-  if recipe is not None and recipe.get("alignment") is not None:
+  if recipe is not None and recipe.get("alignment") is not None and not isinstance(recipe["alignment"], str):
     return image_resize_mode(recipe["alignment"])
-  return "default"
+  return "default"  # also under a tiny-image "alignment" (a string: no network reads the images)
 
 
 def _tfds_source(data_config, dataset: str, split: str, spec: s2.TokenSpec, **kwargs):
@@ -189,6 +192,13 @@ def training_tokens(data_config, spec: s2.TokenSpec) -> np.ndarray:
   earth benchmark's from its coordinates, a prepared data set's from its sidecar
   index (or its records, for data prepared before sidecars)."""
   return np.asarray(get_source(data_config, "train", spec).all_tokens(), np.int32)
+
+
+def training_locations(data_config, spec: s2.TokenSpec) -> np.ndarray:
+  """float64 [N, 2]: the (lat, lon) of every record of the config's train split (after its
+  holdout part and leak filter: the records a model trains on), without decoding any image
+  (the sources' index arrays: the earth benchmark's coordinates, a prepared set's sidecar)."""
+  return np.asarray(get_source(data_config, "train", spec).index_arrays()["latlng"], np.float64).reshape(-1, 2)
 
 
 class FirstRows:

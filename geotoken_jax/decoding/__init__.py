@@ -12,6 +12,9 @@ samples, with the encoder run once per image (its K/V cached once per image).
   CellTrie           optional constraint: only cells with training data; a jit
                      ARGUMENT (never a closed-over constant)
   cached_cell_trie   build_cell_trie from a token array, cached on disk (.npz)
+  mix_neighbors      kNN-LM: wraps a tokens_to_logits so that the decoded distribution is
+                     lambda p_kNN(y) + (1 - lambda) p_dec(y) over the image's retrieved
+                     neighbours' token paths (knn_lm; strategies' knn_lambda=...)
   select             pool selection rules (logprob, vote, medoid, mean)
   top_candidates     top-k distinct candidates with normalized probabilities
   strategies         strategy strings; decode_pool (a strategy's pool on a
@@ -22,6 +25,7 @@ from geotoken_jax.decoding.beam import DEAD_SCORE, BeamState, beam_search, check
 from geotoken_jax.decoding.constraints import (MASKED_LOGIT, CellTrie, build_cell_trie, cached_cell_trie,
                                                load_cell_trie, save_cell_trie, trie_cache_key)
 from geotoken_jax.decoding.greedy import greedy_decode
+from geotoken_jax.decoding.knn_lm import KnnLMState, gated_lambda, knn_lm_logits, mix_neighbors
 from geotoken_jax.decoding.sampling import (check_sampling, filter_logits, filtered_sampling_logits,
                                             sample_sequences)
 from geotoken_jax.decoding.selection import SELECTION_RULES, Selection, select, top_candidates

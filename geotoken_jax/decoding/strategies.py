@@ -30,14 +30,24 @@ followed by optional key=value fields:
                                examples (`trie` alone means M = 1)
   trie_level=L                 constrain only down to S2 level L (default: the
                                token spec's level)
-e.g. "sample:30:0.7:medoid:top_p=0.95:trie=2:trie_level=10".
+  knn_lambda=L                 kNN-LM (greedy, beam and sample only; needs the batch's
+                               retrieved neighbours): decode the sequence-level mixture
+                               L p_kNN(y) + (1 - L) p_dec(y), L in [0, 1], where p_kNN puts
+                               softmax(score / tau) of each neighbour on its token path
+                               (geotoken_jax.decoding.knn_lm)
+  knn_tau=T                    the neighbours' softmax temperature (default 0.05)
+  knn_k=K                      use the first K neighbours (default 0 = all the batch carries)
+  knn_gate=LO/HI               gate L by the top valid neighbour's score s1:
+                               L x clip((s1 - LO) / (HI - LO), 0, 1) (LO == HI: a step)
+e.g. "sample:30:0.7:medoid:top_p=0.95:trie=2:trie_level=10",
+"beam:5:knn_lambda=0.3:knn_tau=0.1", "greedy:knn_lambda=0.5:knn_gate=0.6/0.9".
 
 A beam width above the number of sequences the trie allows (CellTrie.num_sequences,
 static) is clamped to it with a warning, so the pool has min(W, allowed) beams.
 Every pool carries `valid` [B, N]; the selection rules and the candidates ignore
 invalid entries (see geotoken_jax.decoding.selection).
 
-Samples with the same (N, T, top_k, top_p, trie) give the same pool whatever
+Samples with the same (N, T, top_k, top_p, trie, knn_*) give the same pool whatever
 the rule (the keys depend on the seed and the image only), so the evaluation
 job decodes each pool once and applies every rule asked of it.
 """
@@ -56,11 +66,20 @@ from geotoken_jax import s2
 from geotoken_jax.decoding.beam import beam_search, check_beam_size
 from geotoken_jax.decoding.constraints import CellTrie
 from geotoken_jax.decoding.greedy import greedy_decode
+from geotoken_jax.decoding.knn_lm import check_neighbors, mix_neighbors
 from geotoken_jax.decoding.sampling import check_sampling, sample_sequences
 from geotoken_jax.decoding.selection import SCORE_RULES, SELECTION_RULES, select, top_candidates
 from geotoken_jax.s2 import jax_ops
 
 KINDS = ("greedy", "beam", "sample", "gallery", "knn")
+DEFAULT_KNN_TAU = 0.05
+_KNN_LM_FIELDS = ("knn_lambda", "knn_tau", "knn_k", "knn_gate")
+
+
+def _number(x: float) -> str:
+  """A float as short as it round-trips (`:g` when that is exact)."""
+  short = f"{x:g}"
+  return short if float(short) == x else repr(float(x))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +93,15 @@ class Strategy:
   rule: str = "logprob"
   trie_min_count: int = 0  # 0 = unconstrained
   trie_level: int = 0  # 0 = the spec's level
+  knn_lambda: float | None = None  # kNN-LM mixture weight; None = plain decoding
+  knn_tau: float = DEFAULT_KNN_TAU  # the neighbours' softmax temperature
+  knn_k: int = 0  # the first K neighbours; 0 = all the batch carries
+  knn_gate: tuple[float, float] | None = None  # (lo, hi): lambda gated by the top neighbour's score
+
+  @property
+  def knn_lm(self) -> bool:
+    """Does the strategy mix the decoder with the retrieved neighbours (knn_lambda set)?"""
+    return self.knn_lambda is not None
 
   @property
   def pool_size(self) -> int:
@@ -106,6 +134,14 @@ class Strategy:
         parts.append(f"top_k={self.top_k}")
       if self.top_p < 1.0:
         parts.append(f"top_p={self.top_p:g}")
+    if self.knn_lambda is not None:
+      parts.append(f"knn_lambda={_number(self.knn_lambda)}")
+    if self.knn_tau != DEFAULT_KNN_TAU:
+      parts.append(f"knn_tau={_number(self.knn_tau)}")
+    if self.knn_k:
+      parts.append(f"knn_k={self.knn_k}")
+    if self.knn_gate is not None:
+      parts.append(f"knn_gate={_number(self.knn_gate[0])}/{_number(self.knn_gate[1])}")
     if self.trie_min_count:
       parts.append(f"trie={self.trie_min_count}")
       if self.trie_level:
@@ -134,6 +170,7 @@ class Strategy:
       if self.num_samples < 1:
         raise ValueError(f"{self.name}: the number of samples must be >= 1")
       check_sampling(self.temperature, self.top_k, self.top_p)
+    self._check_knn_lm()
     if self.trie_level and not self.trie_min_count:
       raise ValueError(f"{self.kind}: trie_level needs trie (e.g. trie:trie_level={self.trie_level})")
     if self.trie_min_count < 0:
@@ -143,6 +180,25 @@ class Strategy:
                        f"{spec.group_size} in (0, {spec.level}]")
     return self
 
+  def _check_knn_lm(self) -> None:
+    knn_set = [f for f in _KNN_LM_FIELDS if getattr(self, f) != Strategy.__dataclass_fields__[f].default]
+    if not knn_set:
+      return
+    if self.kind not in ("greedy", "beam", "sample"):
+      raise ValueError(f"{self.name}: {', '.join(knn_set)} (kNN-LM) apply to greedy, beam and sample only; "
+                       f"a {self.kind} strategy does not decode")
+    if self.knn_lambda is None:
+      raise ValueError(f"{self.name}: {', '.join(knn_set)} need knn_lambda (the kNN-LM mixture weight)")
+    if not 0.0 <= self.knn_lambda <= 1.0:
+      raise ValueError(f"{self.name}: knn_lambda must be in [0, 1], got {self.knn_lambda}")
+    if not (math.isfinite(self.knn_tau) and self.knn_tau > 0):
+      raise ValueError(f"{self.name}: knn_tau must be finite and > 0, got {self.knn_tau}")
+    if isinstance(self.knn_k, bool) or int(self.knn_k) != self.knn_k or self.knn_k < 0:
+      raise ValueError(f"{self.name}: knn_k must be an integer >= 0 (0 = every neighbour), got {self.knn_k!r}")
+    if self.knn_gate is not None and (len(self.knn_gate) != 2 or not all(math.isfinite(g) for g in self.knn_gate)
+                                      or self.knn_gate[0] > self.knn_gate[1]):
+      raise ValueError(f"{self.name}: knn_gate must be LO/HI with finite LO <= HI, got {self.knn_gate}")
+
   def trie_positions(self, spec: s2.TokenSpec) -> int:
     """How many leading token positions the trie constrains."""
     level = self.trie_level or spec.level
@@ -151,8 +207,15 @@ class Strategy:
 
 _POSITIONAL = {"greedy": (), "beam": ("beam_size", "rule"), "sample": ("num_samples", "temperature", "rule"),
                "gallery": ("num_samples", "rule"), "knn": ("num_samples", "rule")}
+def _gate(text: str) -> tuple[float, float]:
+  lo, slash, hi = text.partition("/")
+  if not slash:
+    raise ValueError(f"knn_gate takes LO/HI (e.g. knn_gate=0.6/0.9), got {text!r}")
+  return (float(lo), float(hi))
+
+
 _KEYWORDS = {"top_k": int, "top_p": float, "temperature": float, "trie": int, "trie_level": int,
-             "rule": str}
+             "rule": str, "knn_lambda": float, "knn_tau": float, "knn_k": int, "knn_gate": _gate}
 _FIELD_TYPES = {"beam_size": int, "num_samples": int, "temperature": float, "rule": str}
 
 
@@ -170,6 +233,8 @@ def parse_strategy(text: str) -> Strategy:
         key, _, value = part.partition("=")
         if key not in _KEYWORDS:
           raise ValueError(f"unknown option {key!r}")
+        if not value and key != "trie":
+          raise ValueError(f"{key} needs a value ({key}=...)")
         value = _KEYWORDS[key](value) if value else 1
         fields[{"trie": "trie_min_count"}.get(key, key)] = value
       else:
@@ -189,6 +254,10 @@ def parse_strategy(text: str) -> Strategy:
     raise ValueError(f"bad strategy {text!r}: top_k / top_p apply to sampling only")
   if kind == "greedy" and ("temperature" in fields or "rule" in fields):
     raise ValueError(f"bad strategy {text!r}: greedy takes no temperature or rule")
+  knn_fields = [f for f in _KNN_LM_FIELDS if f in fields]
+  if knn_fields and kind not in ("greedy", "beam", "sample"):
+    raise ValueError(f"bad strategy {text!r}: {', '.join(knn_fields)} (kNN-LM) apply to greedy, beam and "
+                     "sample only")
   return Strategy(kind=kind, **fields)
 
 
@@ -233,7 +302,8 @@ def pool_width(strategy: Strategy, spec: s2.TokenSpec, constraint: CellTrie | No
 
 
 def decode_pool(model, memory: jax.Array, strategy: Strategy, keys: jax.Array,
-                constraint: CellTrie | None) -> dict[str, jax.Array]:
+                constraint: CellTrie | None, neighbors: Mapping[str, jax.Array] | None = None
+                ) -> dict[str, jax.Array]:
   """The strategy's pool for each image, a dict of:
 
     tokens    [B, N, P] int32
@@ -245,24 +315,36 @@ def decode_pool(model, memory: jax.Array, strategy: Strategy, keys: jax.Array,
   N is 1 (greedy), the number of samples, or the beam width clamped to the number of
   sequences the trie allows (pool_width, which warns).  `constraint` is a traced
   argument of the caller's jitted function (only its static fields are read here).
+
+  A kNN-LM strategy (knn_lambda set) reads `neighbors` (the batch's neighbor_tokens
+  [B, K, P], neighbor_scores [B, K] and, if present, neighbor_valid [B, K]) and decodes the
+  mixture with the neighbours (geotoken_jax.decoding.knn_lm); its log_prob is log p(y) of
+  the mixture.  knn_lambda=0 decodes the model alone (the neighbours are not read).
   """
   batch = memory.shape[0]
   positions = model.num_positions
   width = pool_width(strategy, model.spec, constraint)
   cache = model.init_cache(memory, width)
+  step = model.decode_step
+  if strategy.knn_lm:
+    check_neighbors(neighbors, strategy.name)
+    if strategy.knn_lambda > 0:
+      step, cache = mix_neighbors(step, cache, neighbors, lam=strategy.knn_lambda, tau=strategy.knn_tau,
+                                  sequences_per_image=width, vocab_size=model.max_vocab_size,
+                                  k=strategy.knn_k, gate=strategy.knn_gate, what=strategy.name)
   if strategy.kind == "greedy":
-    tokens, log_prob = greedy_decode(model.decode_step, cache, batch, positions, constraint)
+    tokens, log_prob = greedy_decode(step, cache, batch, positions, constraint)
     tokens, log_prob = tokens[:, None], log_prob[:, None]
     valid = jnp.ones((batch, 1), jnp.bool_)
   elif strategy.kind == "beam":
-    tokens, log_prob, valid = beam_search(model.decode_step, cache, batch, positions, width,
+    tokens, log_prob, valid = beam_search(step, cache, batch, positions, width,
                                           temperature=strategy.temperature, constraint=constraint,
                                           return_valid=True)
   else:
     # The sampler draws from logits where masked and filtered ids are -inf, so it can
     # never pick an id the model or the trie masked: every sample is valid.
     tokens, log_prob = sample_sequences(
-        model.decode_step, cache, keys, strategy.num_samples, positions,
+        step, cache, keys, strategy.num_samples, positions,
         temperature=strategy.temperature, top_k=strategy.top_k, top_p=strategy.top_p,
         constraint=constraint)
     valid = jnp.ones(log_prob.shape, jnp.bool_)
@@ -277,8 +359,9 @@ def needs_alignment(strategy: Strategy) -> bool:
 
 
 def needs_neighbors(strategy: Strategy) -> bool:
-  """Does the strategy read the retrieved neighbours of the batch (knn:K)?"""
-  return strategy.kind == "knn"
+  """Does the strategy read the retrieved neighbours of the batch (knn:K, or kNN-LM decoding:
+  knn_lambda set)?"""
+  return strategy.kind == "knn" or strategy.knn_lm
 
 
 def knn_pool(batch: Mapping[str, jax.Array], k: int, temperature: float) -> dict[str, jax.Array]:

@@ -9,6 +9,8 @@
              out) and its presets (`vit.vit_config`)
   geoclip_weights  GeoCLIP's .pth weights -> safetensors (read once by a restricted
              unpickler: no torch)
+  tiny_image the Im2GPS tiny-image embedding (area average to S x S, grey or colour,
+             mean-centred, L2-normalized): no parameters, no training
 
 The MLP heads and the transformer blocks the towers are built from live one
 layer down, in geotoken_jax.nn (nn.heads, nn.layers); geotoken_jax.models

@@ -16,8 +16,9 @@
                      validation and final test)
   evaluation         run_evaluation: every strategy over a split or any source: the
                      predictions files (resumable), tables and plots
-  embedding_job      embed_function, run_embedding: an alignment model's embeddings of a
-                     split, stored by geotoken_jax.embeddings
+  embedding_job      Embedder (AlignerEmbedder: an alignment model; TinyImageEmbedder,
+                     tiny_image_embedder: the tiny-image embedding), embed_function,
+                     run_embedding: a split's embeddings, stored by geotoken_jax.embeddings
   online_retrieval   OnlineRetrieval: a retrieval-augmented run's neighbours for images the
                      index job never saw (the run's aligner embeds them, its neighbour
                      gallery is searched), inside evaluation and prediction
@@ -34,7 +35,8 @@ re-exported for callers outside it (`from geotoken_jax import inference;
 inference.restore_model(...)`).
 """
 
-from geotoken_jax.inference.embedding_job import embed_function, run_embedding
+from geotoken_jax.inference.embedding_job import (AlignerEmbedder, Embedder, TinyImageEmbedder, embed_function,
+                                                  run_embedding, tiny_image_embedder)
 from geotoken_jax.inference.evaluation import (check_evaluation, file_name, prediction_rows, read_predictions,
                                                run_evaluation, score_predictions, truth_countries, valid_truth,
                                                write_plots, write_results)
@@ -51,6 +53,7 @@ from geotoken_jax.inference.restore import (EVALUATE_DEFAULTS, RestoredModel, ab
 from geotoken_jax.inference.tries import build_tries, trie_key
 
 __all__ = [
+    "AlignerEmbedder", "Embedder", "TinyImageEmbedder", "tiny_image_embedder",
     "EVALUATE_DEFAULTS", "IMAGE_SUFFIXES", "FilePrediction", "LocationGallery", "OnlineRetrieval", "Predictor",
     "RestoredModel", "StrategyGroup", "abstract_params", "build_tries", "check_evaluation", "checkpoint_dir",
     "embed_function", "evaluate_config", "evaluation_source", "file_name", "gallery_pool", "gallery_with_features",

@@ -2,6 +2,7 @@
 (resumable), the results table and plots.
 
   run_evaluation       the job (what `geotoken evaluate` and the recipe run)
+  nearest_train_rows   the nearest-training-location oracle (evaluate.oracles, --oracles)
   check_evaluation     the evaluate block's settings, checked before anything compiles
   prediction_rows, read_predictions, score_predictions, truth_countries   the JSONL rows
   write_plots, write_results                                              the outputs
@@ -21,11 +22,12 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
-from geotoken_jax import data, geocode, metrics, plots, runtime, sharding
+from geotoken_jax import data, geocode, metrics, plots, runtime, s2, sharding
 from geotoken_jax.decoding import strategies
 from geotoken_jax.decoding.strategies import Strategy
 from geotoken_jax.inference.online_retrieval import evaluation_source
-from geotoken_jax.inference.predictor import Predictor, predict_batches
+from geotoken_jax.inference.predictor import (ORACLE_PREFIX, Predictor, group_strategies, oracle_name,
+                                              predict_batches)
 from geotoken_jax.inference.restore import (evaluate_config, load_run_config, restore_aligner, restore_model,
                                             token_spec)
 
@@ -92,6 +94,37 @@ def prediction_rows(batch: dict, out: dict, mask: np.ndarray) -> list[dict]:
   return rows
 
 
+# Oracle rows read the true location: upper bounds that say what a method could reach, never a
+# method.  Opt-in (evaluate.oracles, --oracles); their names start with ORACLE_PREFIX "oracle:".
+NEAREST_TRAIN = ORACLE_PREFIX + "nearest_train"
+
+
+def nearest_train_rows(rows: list[dict], train_latlng: np.ndarray, spec: s2.TokenSpec) -> list[dict]:
+  """The nearest-training-location oracle's prediction rows for the images of `rows` (any
+  strategy's: their truth): each labelled image predicted at the training location nearest to
+  its true location (metrics.nearest_locations: exact, float64 haversine; ties to the lower
+  training row, named in `train_row`); an unlabelled image gets no prediction."""
+  labelled = [i for i, r in enumerate(rows) if r["error_km"] is not None]
+  truth = np.asarray([[rows[i]["true_lat"], rows[i]["true_lon"]] for i in labelled], np.float64).reshape(-1, 2)
+  nearest, distance = (metrics.nearest_locations(truth, train_latlng) if labelled
+                       else (np.zeros(0, np.int64), np.zeros(0)))
+  predicted = np.asarray(train_latlng, np.float64)[nearest].reshape(-1, 2)
+  tokens = s2.latlng_to_tokens(predicted[:, 0], predicted[:, 1], spec) if labelled else None
+  found = {i: j for j, i in enumerate(labelled)}
+  out = []
+  for i, r in enumerate(rows):
+    row = {k: r[k] for k in ("true_country", "id", "index", "true_lat", "true_lon") if k in r}
+    j = found.get(i)
+    if j is None:
+      row.update(pred_lat=None, pred_lon=None, error_km=None, chosen=0, candidates=[])
+    else:
+      lat, lon = float(predicted[j, 0]), float(predicted[j, 1])
+      row.update(pred_lat=lat, pred_lon=lon, error_km=float(distance[j]), chosen=0, train_row=int(nearest[j]),
+                 candidates=[{"lat": lat, "lon": lon, "prob": 1.0, "tokens": _token_string(tokens[j])}])
+    out.append(row)
+  return out
+
+
 def read_predictions(path) -> list[dict]:
   return [json.loads(line) for line in epath.Path(path).read_text().splitlines() if line.strip()]
 
@@ -139,15 +172,22 @@ def check_evaluation(config, mesh, strategy_text: str | None = None) -> list[Str
 def run_evaluation(config: ml_collections.ConfigDict | None, workdir, *, strategy_text: str | None = None,
                    split: str | None = None, source=None, split_label: str | None = None,
                    step: int | None = None, output_dir=None, limit: int = 0, make_plots: bool = True,
-                   devices=None, alignment_workdir: str | None = None) -> dict:
+                   devices=None, alignment_workdir: str | None = None, oracles: bool | None = None) -> dict:
   """Evaluates every strategy on a split of the config's data (or on `source`, named
   `split_label`); returns {"step", "split", "output_dir", "results": {name: row}, "timings"}.
 
   config None: the run's saved config.  Resumable: predictions are appended batch
   by batch, and a rerun continues where the shortest file ends.
+  oracles (default evaluate.oracles): also the label-using upper-bound rows, named
+  "oracle:...": each pool's best-of-pool oracle ("oracle:<pool>", e.g. oracle:sample:30:0.7,
+  oracle:knn:10: the pool entry nearest to the truth, from Predictor(oracles=True), written and
+  resumed like a strategy) and "oracle:nearest_train" (each image at the training split's
+  location nearest to its true location: nearest_train_rows, computed from the truth after
+  the strategies).
   """
   config = load_run_config(workdir, step) if config is None else config
   eval_config = evaluate_config(config)
+  oracles = bool(eval_config.get("oracles", False)) if oracles is None else bool(oracles)
   mesh = sharding.create_mesh(config.mesh, devices)
   wanted = check_evaluation(config, mesh, strategy_text)
   process_index, process_count = jax.process_index(), jax.process_count()
@@ -166,13 +206,18 @@ def run_evaluation(config: ml_collections.ConfigDict | None, workdir, *, strateg
   # are reported as skipped, so images + skipped is the metadata's row count.
   prepared_rejected = 0 if limit else int(getattr(source, "rejected", 0))
   output_dir = epath.Path(output_dir or epath.Path(workdir) / "eval" / f"{file_name(split)}-step{step}")
-  paths = {s.name: output_dir / "predictions" / (file_name(s.name) + ".jsonl") for s in wanted}
+  # With oracles, the predictor also returns each pool's best-of-pool oracle (oracle:<pool>),
+  # written and resumed like the strategies.
+  pool_oracles = list(dict.fromkeys(oracle_name(g.pool) for g in group_strategies(wanted))) if oracles else []
+  names = [s.name for s in wanted] + pool_oracles
+  paths = {name: output_dir / "predictions" / (file_name(name) + ".jsonl") for name in names}
   if process_index == 0:
     _check_same_settings(output_dir, eval_config, alignment_workdir)
     (output_dir / "predictions").mkdir(parents=True, exist_ok=True)
     (output_dir / "run.json").write_text(json.dumps(
         {"checkpoint_step": step, "split": split, "records": num_records, "limit": limit,
-         "strategies": [s.name for s in wanted], "evaluate": eval_config.to_dict(),
+         "strategies": [s.name for s in wanted], "oracles": pool_oracles + ([NEAREST_TRAIN] if oracles else []),
+         "evaluate": eval_config.to_dict(),
          "alignment_workdir": alignment_workdir or str(eval_config.alignment_workdir)}, indent=1))
 
   # Resume: every strategy restarts at the first batch that the shortest file
@@ -196,7 +241,10 @@ def run_evaluation(config: ml_collections.ConfigDict | None, workdir, *, strateg
     aligner = restore_aligner(config, mesh, wanted, alignment_workdir)
     predictor = Predictor.from_restored(restored, wanted, num_candidates=int(eval_config.num_candidates),
                                         seed=int(eval_config.seed),
-                                        cache_dir=epath.Path(workdir) / "cache" / "tries", aligner=aligner)
+                                        cache_dir=epath.Path(workdir) / "cache" / "tries", aligner=aligner,
+                                        oracles=oracles)
+    if list(predictor.oracle_names) != pool_oracles:
+      raise RuntimeError(f"the predictor's oracles {predictor.oracle_names} are not {pool_oracles}")
     bar = runtime.progress(num_batches, f"{len(wanted)} strategies", first_batch)
     files = {name: p.open("a") for name, p in paths.items()} if process_index == 0 else {}
     start, images = time.perf_counter(), 0
@@ -221,13 +269,19 @@ def run_evaluation(config: ml_collections.ConfigDict | None, workdir, *, strateg
   if process_index == 0:
     rows_of = {}
     true_countries = None
-    for s in wanted:
-      rows = rows_of[s.name] = read_predictions(paths[s.name])
+    for name in names:
+      rows = rows_of[name] = read_predictions(paths[name])
       if len(rows) != num_records:
-        raise RuntimeError(f"{s.name}: {len(rows)} predictions for {num_records} images in {paths[s.name]}")
+        raise RuntimeError(f"{name}: {len(rows)} predictions for {num_records} images in {paths[name]}")
       if true_countries is None:  # the same truth for every strategy: once
         true_countries = truth_countries(rows)
-      results[s.name] = score_predictions(rows, true_countries, skipped_before=prepared_rejected)
+      results[name] = score_predictions(rows, true_countries, skipped_before=prepared_rejected)
+    if oracles:  # from the truth of the rows above and the training split's locations
+      rows = rows_of[NEAREST_TRAIN] = nearest_train_rows(rows_of[wanted[0].name],
+                                                          data.training_locations(config.data, spec), spec)
+      runtime.write_atomic(output_dir / "predictions" / (file_name(NEAREST_TRAIN) + ".jsonl"),
+                           "".join(json.dumps(row) + "\n" for row in rows).encode())
+      results[NEAREST_TRAIN] = score_predictions(rows, true_countries, skipped_before=prepared_rejected)
     if make_plots:
       write_plots(output_dir, rows_of, split=split, step=step, max_points=int(eval_config.plot_max_points))
     write_results(output_dir, results, split=split, step=step, timings=timings)
@@ -280,6 +334,10 @@ def write_results(output_dir, results: dict, *, split: str, step: int, timings: 
             "Haversine error on a 6371 km sphere; a hit is distance <= threshold. GeoGuessr = mean of "
             "5000 exp(-d / 1492.7 km). Countries: offline nearest-place reverse geocoding "
             "(geotoken_jax.geocode) of prediction and truth.\n\n")
+  if any(name.startswith(ORACLE_PREFIX) for name in results):
+    header += ("Rows named `oracle:...` read the true location: upper bounds, not methods "
+               "(`oracle:nearest_train`: the training location nearest to the truth; `oracle:POOL`: the "
+               "entry of a strategy's pool nearest to the truth).\n\n")
   (output_dir / "results.md").write_text(header + table + "\n")
   (output_dir / "results.json").write_text(json.dumps(
       {"split": split, "checkpoint_step": step, "results": results, "decode_timings": timings,

@@ -1,14 +1,15 @@
 """Retrieval inside inference: neighbours for images the index job never saw.
 
-  OnlineRetrieval      the run's aligner embeds each batch, its neighbour gallery is searched
+  OnlineRetrieval      the run's query embedder (its aligner, or the tiny-image embedding when
+                       the gallery was made by it) embeds each batch, its neighbour gallery is searched
                        (DeviceGallery: resident on the devices, retrieval.search's results),
                        the neighbour fields attached (retrieval.join)
   DeviceGallery        a gallery's search matrix placed on the mesh once, searched exactly
   uses_neighbors       does the run read retrieved neighbours?
   evaluation_source    (source, transform) to evaluate a split with: stored neighbour lists
                        when the split has them, else OnlineRetrieval
-  image_resize_mode    data.image_resize_mode of the network the images feed (the aligner's
-                       for a features model that retrieves online)
+  image_resize_mode    data.image_resize_mode of the network the images feed (the query
+                       embedder's for a features model that retrieves online)
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ from jax import lax
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from geotoken_jax import data, models, s2, sharding
-from geotoken_jax.inference.embedding_job import embed_function
+from geotoken_jax import data, embeddings, models, s2, sharding
+from geotoken_jax.encoders import tiny_image
+from geotoken_jax.inference.embedding_job import AlignerEmbedder, TinyImageEmbedder, embed_function
 from geotoken_jax.inference.restore import image_size, restore_model
 from geotoken_jax.retrieval import exclusion, join, neighbors, sources
 
@@ -208,27 +210,29 @@ class DeviceGallery:
 
 class OnlineRetrieval:
   """Neighbours for images the index job never saw (a folder, a split without lists):
-  the run's aligner embeds each batch's images, the run's gallery is searched exactly
+  the run's query embedder (its aligner; the tiny-image embedding for a gallery of tiny
+  images) embeds each batch's images, the run's gallery is searched exactly
   (DeviceGallery: its search matrix resident on the mesh, read once; retrieval.search's
   lists), and the neighbour fields are attached
   (retrieval.join.attach) -- the same fields the stored lists give.  A callable on
   host batches (predict_batches' transform); every process calls it in step.  A gallery
-  embedded by another aligner (step, parameter checksum) than the one restored is refused:
-  its rows would live in another embedding space than the queries'."""
+  embedded by another embedder than the queries' (an aligner's step and parameter checksum;
+  a tiny image's size, colour and pixels) is refused: its rows would live in another
+  embedding space than the queries'."""
 
   def __init__(self, config, workdir, spec: s2.TokenSpec, mesh):
     self.config, self.mesh = config, mesh
-    self.aligner = restore_model(sources.alignment_workdir(config, workdir), mesh=mesh)
-    self._embed = embed_function(self.aligner)
     self.gallery = sources.load_neighbor_gallery(config, workdir, spec)
-    sources.check_gallery_aligner(self.gallery.store, self.aligner.identity())
+    self.aligner = None  # the restored alignment model, when an aligner embeds the queries
+    self.embedder = self._query_embedder(config, workdir, mesh)
+    sources.check_gallery_aligner(self.gallery.store, self.embedder.identity())
     self.features = sources.reads_features(config)  # a neighbour-memory model reads none
     self.settings = neighbors.settings_from_config(config.retrieval)
     self.k = int(config.retrieval.k)
-    self.image_size = image_size(self.aligner.config.model)
+    self.image_size = self.embedder.image_size
     if not models.align.is_alignment(config.model) and config.model.encoder != "features" and (
         image_size(config.model) != self.image_size):
-      raise ValueError(f"the model reads {image_size(config.model)}px images and its aligner "
+      raise ValueError(f"the model reads {image_size(config.model)}px images and its query embedder "
                        f"{self.image_size}px: online retrieval feeds one batch of images to both")
     # Test-time rules: label-free (the same id only); never the query's coordinates.
     self._gallery_keys = exclusion.gallery_keys(self.settings, len(self.gallery), regime=exclusion.TEST,
@@ -238,12 +242,28 @@ class OnlineRetrieval:
         self.gallery.store, self.gallery.fields, mesh, k=self.k, dtype=str(self.settings["dtype"]),
         margin=int(self.settings["margin"]), chunk_rows=int(self.settings["chunk_rows"]), ids=self._gallery_keys.ids)
 
+  def _query_embedder(self, config, workdir, mesh):
+    """What embeds the queries: the tiny-image embedding when the config's recipe names it, or when
+    the gallery was written by it and the config trains no aligner (a run reading another run's
+    tiny-image stores); else the aligner restored from retrieval.alignment_workdir.  Either way its
+    identity must be the gallery's (checked by the caller)."""
+    spec = sources.tiny_image_spec(config)
+    stored = embeddings.aligner_identity(self.gallery.store.manifest)
+    if (spec is None and embeddings.embedder_kind(stored) == tiny_image.NAME and not sources.trains_aligner(config)
+        and stored.get("size") is not None):
+      spec = tiny_image.TinyImageSpec(int(stored["size"]), bool(stored.get("colour")))
+    if spec is not None:  # the run's own pixels: data.image_size, decoded as the run decodes them
+      return TinyImageEmbedder(spec, image_size=int(config.data.get("image_size", 224)),
+                               resize=data.image_resize_mode(config), mesh=mesh)
+    self.aligner = restore_model(sources.alignment_workdir(config, workdir), mesh=mesh)
+    return AlignerEmbedder(self.aligner, embed_function(self.aligner), mesh=mesh)
+
   def __call__(self, local: dict) -> dict:
     images = np.asarray(local["image"])
     if images.shape[1] != self.image_size:
-      raise ValueError(f"the aligner reads {self.image_size}px images, this batch has {images.shape[1]}px: "
-                       "set data.image_size to the aligner's")
-    embedded = self._embed(sharding.make_global_batch({"image": images}, self.mesh))
+      raise ValueError(f"the query embedder reads {self.image_size}px images, this batch has {images.shape[1]}px: "
+                       "set data.image_size to the embedder's")
+    embedded = self.embedder(sharding.make_global_batch({"image": images}, self.mesh))
     fields = self.gallery.fields
     host = {f: np.asarray(multihost_utils.process_allgather(embedded[f], tiled=True), np.float32)
             for f in fields}  # [global batch, dim]: every process searches every query
@@ -270,11 +290,11 @@ def uses_neighbors(config) -> bool:
 
 def image_resize_mode(config, online: OnlineRetrieval | None = None) -> str:
   """How to decode the images of a run (data.image_resize_mode): a features model reads no
-  image, so when it embeds them online with its aligner, the aligner's mode (unless the
-  run's data.resize names one)."""
+  image, so when it embeds them online, its query embedder's mode (the aligner's; the run's
+  own for the tiny-image embedding), unless the run's data.resize names one."""
   if (online is not None and str(config.model.get("encoder", "")) == "features"
       and str(config.data.get("resize") or "auto") == "auto"):
-    return data.image_resize_mode(online.aligner.config)
+    return online.embedder.resize
   return data.image_resize_mode(config)
 
 

@@ -1,9 +1,11 @@
 """The predictor: one jitted function per strategy set, and running sources through it.
 
   Predictor            encodes each batch ONCE and runs every strategy group (greedy,
-                       beams, sample pools, gallery:K, knn:K, each with its selection rules)
-                       on that memory; cell tries are arguments, not constants baked into
-                       the program
+                       beams, sample pools, gallery:K, knn:K, each with its selection rules;
+                       kNN-LM decoding over the batch's neighbours) on that memory; cell
+                       tries are arguments, not constants baked into the program; with
+                       oracles=True also each pool's best-of-pool oracle (label-aware)
+  oracle_name          the output key of a pool's oracle: "oracle:" + the pool's name
   predict_batches      a source's padded, masked global batches through a Predictor,
                        gathered on the host
   validation_metrics   loss, token accuracy and one strategy's acc@km over a source: the
@@ -23,7 +25,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from geotoken_jax import data, decoding, metrics, models, runtime, s2, sharding
-from geotoken_jax.decoding import strategies
+from geotoken_jax.decoding import knn_lm, strategies
 from geotoken_jax.decoding.strategies import Strategy
 from geotoken_jax.inference.location_gallery import (LocationGallery, gallery_with_features, load_location_gallery,
                                                      location_features)
@@ -36,6 +38,38 @@ class StrategyGroup:
   """Strategies that share one decoded pool (they differ only in the selection rule)."""
   pool: Strategy
   members: list[Strategy]
+
+
+ORACLE_PREFIX = "oracle:"
+
+
+def oracle_name(strategy: Strategy) -> str:
+  """The output key of the best-of-pool oracle of a strategy's pool: "oracle:" + the pool's
+  name without its selection rule, e.g. oracle:greedy, oracle:beam:5, oracle:sample:30:0.7,
+  oracle:sample:30:0.7:top_p=0.9:knn_lambda=0.5, oracle:knn:10, oracle:gallery:30."""
+  pool = strategy.pool_key
+  parts = pool.name.split(":")
+  if pool.kind == "sample":  # sample:N:T:RULE[:...]: the rule is always written
+    del parts[3]
+  return ORACLE_PREFIX + ":".join(parts)
+
+
+def oracle_choice(pool: Mapping[str, jax.Array], truth: jax.Array, num_candidates: int) -> dict[str, jax.Array]:
+  """The best-of-pool oracle (reads the labels; an upper bound for every selection rule, never a
+  prediction): the valid pool entry nearest to the true location truth [B, 2] (first of equals),
+  as predicted [B, 2], chosen [B], and the pool's logprob candidates.  A row whose truth is not a
+  finite location falls back to the most likely entry."""
+  valid = pool.get("valid")
+  valid = jnp.ones(pool["log_prob"].shape, jnp.bool_) if valid is None else valid
+  distance = metrics.haversine_km_jax(pool["latlng"].astype(jnp.float32),
+                                      truth.astype(jnp.float32)[:, None, :])  # [B, N]
+  usable = valid & jnp.isfinite(distance)
+  nearest = jnp.argmin(jnp.where(usable, distance, jnp.inf), axis=-1).astype(jnp.int32)
+  likeliest = jnp.argmax(jnp.where(valid, pool["log_prob"], -jnp.inf), axis=-1).astype(jnp.int32)
+  index = jnp.where(jnp.any(usable, axis=-1), nearest, likeliest)
+  candidates, probability = decoding.top_candidates(pool["tokens"], pool["log_prob"], num_candidates, valid)
+  return {"predicted": jnp.take_along_axis(pool["latlng"], index[:, None, None], axis=1)[:, 0],
+          "chosen": index, "candidates": candidates, "candidate_prob": probability}
 
 
 def group_strategies(wanted: Sequence[Strategy]) -> list[StrategyGroup]:
@@ -56,6 +90,13 @@ class Predictor:
   Output per strategy name: predicted [B, 2], chosen [B], candidate_tokens [B, k, P],
   candidate_latlng [B, k, 2], candidate_prob [B, k] (0 for empty slots).
 
+  kNN-LM strategies (knn_lambda set) read the batch's neighbor_tokens, neighbor_scores
+  (and neighbor_valid if present); a batch without them is refused with the missing keys
+  named.  With `oracles=True` the batch must hold the true `latlng` [B, 2], and every pool
+  group also gets an entry `oracle_name(pool)` (e.g. "oracle:sample:30:0.7", "oracle:knn:10")
+  with the same fields: predicted = the valid pool entry nearest to the truth (label-aware:
+  an upper bound for the selection rules, not a prediction), candidates as the logprob rule's.
+
   Alignment models: when the model itself is one (`is_aligner`), its strategies are
   gallery:K over `gallery`; a GeoToken model with an `aligner` (a restored alignment
   model) also gets gallery:K and the similarity / fused rules, the candidates'
@@ -66,11 +107,13 @@ class Predictor:
                wanted: Sequence[Strategy], *, num_candidates: int = 5, seed: int = 0,
                tries: Mapping[str, decoding.CellTrie] | None = None, loss_weights=None,
                is_aligner: bool = False, aligner: "RestoredModel | None" = None, gallery: LocationGallery | None = None,
-               fused_weight: float = 1.0, knn_temperature: float = 0.05):
+               fused_weight: float = 1.0, knn_temperature: float = 0.05, oracles: bool = False):
     self.mesh, self.spec = mesh, spec
     self.params = params
     self.strategies = list(wanted)
     self.groups = group_strategies(self.strategies)
+    self.oracles = bool(oracles)
+    self.oracle_names = [oracle_name(g.pool) for g in self.groups] if self.oracles else []
     self.tries = dict(tries or {})
     self.aligner = aligner
     self.gallery = gallery
@@ -94,6 +137,7 @@ class Predictor:
       raise ValueError(f"evaluate.knn_temperature must be > 0, got {knn_temperature}")
     knn_temperature = float(knn_temperature)
     decoded = any(g.pool.kind in ("greedy", "beam", "sample") for g in groups)
+    with_oracles = self.oracles
 
     def predict(params, batch, tries, aligner_params, gallery_arrays):
       model = nnx.merge(graphdef, params)
@@ -120,7 +164,8 @@ class Predictor:
           pool = strategies.knn_pool(batch, group.pool.num_samples, knn_temperature)
         else:
           trie = tries.get(trie_key(group.pool, spec)) if group.pool.trie_min_count else None
-          pool = strategies.decode_pool(model, memory, group.pool, keys, trie)
+          neighbors = batch if strategies.needs_neighbors(group.pool) else None
+          pool = strategies.decode_pool(model, memory, group.pool, keys, trie, neighbors)
           if any(strategies.needs_alignment(m) for m in group.members):
             batch_size, n = pool["latlng"].shape[:2]
             located = align_model.locate(pool["latlng"].reshape(batch_size * n, 2)).reshape(batch_size, n, -1)
@@ -135,6 +180,15 @@ class Predictor:
               "candidate_tokens": jnp.take_along_axis(pool["tokens"], index[:, :, None], axis=1),
               "candidate_latlng": jnp.take_along_axis(pool["latlng"], index[:, :, None], axis=1),
               "candidate_prob": chosen["candidate_prob"],  # [batch, k]
+          }
+        if with_oracles:  # label-aware: the pool's entry nearest to the truth
+          chosen = oracle_choice(pool, batch["latlng"], k)
+          index = jnp.maximum(chosen["candidates"], 0)
+          out[oracle_name(group.pool)] = {
+              "predicted": chosen["predicted"], "chosen": chosen["chosen"],
+              "candidate_tokens": jnp.take_along_axis(pool["tokens"], index[:, :, None], axis=1),
+              "candidate_latlng": jnp.take_along_axis(pool["latlng"], index[:, :, None], axis=1),
+              "candidate_prob": chosen["candidate_prob"],
           }
       return out
 
@@ -156,7 +210,8 @@ class Predictor:
   @classmethod
   def from_restored(cls, restored: "RestoredModel", wanted: Sequence[Strategy], *, num_candidates: int = 5,
                     seed: int = 0, cache_dir=None, aligner: "RestoredModel | None" = None,
-                    gallery: str | None = None, fused_weight: float | None = None) -> "Predictor":
+                    gallery: str | None = None, fused_weight: float | None = None,
+                    oracles: bool = False) -> "Predictor":
     """A predictor for a restored model; an alignment model (restored or `aligner`) gets its
     gallery (evaluate.gallery, or `gallery`) embedded once and cached in cache_dir."""
     config = restored.config
@@ -171,7 +226,7 @@ class Predictor:
     return cls(restored.graphdef, restored.params, restored.param_shardings, restored.mesh, restored.spec,
                wanted, num_candidates=num_candidates, seed=seed, tries=tries, is_aligner=is_aligner,
                aligner=aligner, gallery=gallery_data, fused_weight=weight,
-               knn_temperature=float(evaluate_config(config).knn_temperature))
+               knn_temperature=float(evaluate_config(config).knn_temperature), oracles=oracles)
 
   def refresh_gallery(self, params) -> None:
     """Re-embeds the gallery with `params` (an alignment model's own validation while it trains)."""
@@ -189,6 +244,12 @@ class Predictor:
     aligner_params = self.aligner.params if self.aligner is not None else None
     if any(s.kind == "gallery" for s in self.strategies) and self._gallery_arrays is None:
       raise ValueError("the gallery has no location features: call refresh_gallery(params) first")
+    mixed = [s.name for s in self.strategies if s.knn_lm]
+    if mixed:
+      knn_lm.check_neighbors(device_batch, ", ".join(mixed))
+    if self.oracles and "latlng" not in device_batch:
+      raise ValueError("oracles=True reads the true locations: the batch has no `latlng` (predict unlabelled "
+                       "images with oracles=False)")
     return (self.params if params is None else params, dict(device_batch), self.tries, aligner_params,
             self._gallery_arrays)
 

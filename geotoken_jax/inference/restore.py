@@ -47,6 +47,9 @@ EVALUATE_DEFAULTS = ml_collections.ConfigDict({
     "fused_weight": 1.0,  # fused = log-probability + w * the alignment model's similarity logit
     # knn:K's pool log-probabilities: log-softmax(neighbour score / T) (scores are mean cosines).
     "knn_temperature": 0.05,
+    # Also the label-using upper-bound rows "oracle:..." (oracle:nearest_train: each image at the
+    # training location nearest to its true location); evaluate --oracles.
+    "oracles": False,
 })
 
 

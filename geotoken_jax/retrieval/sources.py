@@ -3,11 +3,13 @@ the data sources that carry neighbours (what the trainer and the inference modul
 
 A run with retrieval has a `retrieval` block (configs/earth.py:retrieval, configs/paper.py):
   k                   neighbours the model reads (model.features.num_neighbors); 0 = off
-  alignment_workdir   the alignment model whose embeddings are searched
+  alignment_workdir   the alignment model whose embeddings are searched (unused when the
+                      recipe's alignment is "tiny_image[:S[:colour]]": tiny_image_spec)
   embeddings          folder of embedding stores, one per split: <embeddings>/<split>/
   neighbors           folder of neighbour lists, one per query split: <neighbors>/<split>/
   gallery             the split searched (train): its embeddings, tokens and coordinates
-  fields              embedding fields searched and fed (image, loc_head[, text_head])
+  fields              embedding fields searched and fed (image, loc_head[, text_head]; a
+                      tiny-image store's one field: tiny)
   search_k, dtype, chunk_rows, query_batch, margin, block_rows   the index job
   same_id, duplicate_km, duplicate_similarity, group             leak exclusion (neighbors)
   dropout, shuffle    training-time neighbour noise (join.RetrievalSource)
@@ -19,9 +21,10 @@ What is refused (each error names what differs, both values and the fix):
     fields, search_k, dtype, margin, same_id, duplicate_km, duplicate_similarity, group),
     or in other embeddings than the stores hold now (checksums)        wrap_source
   a store a run needs, or its lists, missing or incomplete; a split's store written by
-    another aligner (step, parameter checksum) than the gallery's       check_inputs (the
+    another embedder (aligner: step, parameter checksum; tiny image: size, colour, pixels)
+    than the gallery's                                                  check_inputs (the
                                                                           trainer, before step 1)
-  a gallery written by another aligner than the one online retrieval restores
+  a gallery written by another embedder than the one online retrieval embeds queries with
                                                                         check_gallery_aligner
 """
 
@@ -32,6 +35,7 @@ import json
 from etils import epath
 
 from geotoken_jax import data, embeddings, s2
+from geotoken_jax.encoders import tiny_image
 from geotoken_jax.models import geotoken
 from geotoken_jax.retrieval import join, neighbors
 
@@ -134,27 +138,49 @@ def check_inputs(config, workdir, splits) -> None:
       continue
     directory = embeddings_dir(config, workdir, split)
     other = embeddings.aligner_identity(embeddings.open_embeddings(directory).manifest)
-    differing = [f"{key}: gallery {reference.get(key)!r}, {split} {other.get(key)!r}" for key in ("step", "params")
-                 if reference.get(key) != other.get(key)]
+    differing = []
+    for key in embeddings.differing_keys(reference, other):
+      a, b = ((embeddings.embedder_kind(reference), embeddings.embedder_kind(other)) if key == "embedding"
+              else (reference.get(key), other.get(key)))
+      if a != b:
+        differing.append(f"{key}: gallery {a!r}, {split} {b!r}")
     if differing:
       raise AlignerMismatchError(
-          f"the embeddings of {split!r} ({directory}) were written by another aligner than the gallery's "
+          f"the embeddings of {split!r} ({directory}) were written by another embedder than the gallery's "
           f"({'; '.join(differing)}): its queries would be searched in another embedding space. Re-embed with "
           "one aligner: rerun the recipe (it re-embeds stores another aligner wrote), or "
           "python -m geotoken_jax.embed --overwrite, then the index job")
 
 
 def check_gallery_aligner(store, identity: dict) -> None:
-  """Refuses a gallery store written by another aligner (step, parameter checksum) than
-  `identity` (RestoredModel.identity() of the aligner that embeds the queries)."""
-  differing = embeddings.aligner_differences(embeddings.aligner_identity(store.manifest), identity,
-                                             keys=embeddings.ALIGNER_CONTENT_KEYS)
+  """Refuses a gallery store written by another embedder than `identity` (the identity() of the
+  embedder of the queries: an aligner's step and parameter checksum, RestoredModel.identity(); a
+  tiny-image embedding's size, colour and input pixels)."""
+  stored = embeddings.aligner_identity(store.manifest)
+  differing = embeddings.embedder_differences(stored, identity)
   if differing:
+    kind = embeddings.embedder_kind(identity)
+    who = (f"another aligner than {identity.get('workdir')} holds now"
+           if kind == embeddings.ALIGNER == embeddings.embedder_kind(stored)
+           else f"another embedder than the queries' ({kind})")
     raise AlignerMismatchError(
-        f"the gallery {store.directory} was embedded by another aligner than {identity.get('workdir')} holds "
-        f"now ({'; '.join(differing)}): queries embedded by it would be searched in another embedding space. "
-        "Re-embed the gallery and rebuild the lists: rerun the recipe (it re-embeds stores another aligner "
-        "wrote), or python -m geotoken_jax.embed --overwrite and python -m geotoken_jax.index --overwrite")
+        f"the gallery {store.directory} was embedded by {who} ({'; '.join(differing)}): queries embedded by it "
+        "would be searched in another embedding space. Re-embed the gallery and rebuild the lists: rerun the "
+        "recipe (it re-embeds stores another embedder wrote), or python -m geotoken_jax.embed --overwrite and "
+        "python -m geotoken_jax.index --overwrite")
+
+
+def tiny_image_spec(config) -> tiny_image.TinyImageSpec | None:
+  """The tiny-image embedding a config's recipe names (recipe.alignment = "tiny_image[:S[:colour]]"
+  instead of an alignment training config), else None (an aligner embeds)."""
+  recipe = config.get("recipe")
+  alignment = recipe.get("alignment") if recipe is not None else None
+  return tiny_image.parse(alignment) if tiny_image.is_tiny_image(alignment) else None
+
+
+def trains_aligner(config) -> bool:
+  """Does the config's recipe train the aligner its stores are embedded with?"""
+  return "recipe" in config and config.recipe.get("alignment") is not None and tiny_image_spec(config) is None
 
 
 def wrap_source(config, workdir, split: str, source, spec: s2.TokenSpec, *,
