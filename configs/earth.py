@@ -15,9 +15,10 @@ from geotoken_jax import models, sharding
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   variant = arg or "default"
   if variant not in ("default", "smoke", "align", "align_smoke", "retrieval", "retrieval_smoke", "retrieval_vit",
-                     "retrieval_tiny", "retrieval_tiny_smoke"):
+                     "retrieval_tiny", "retrieval_tiny_smoke", "fusion", "fusion_smoke"):
     raise ValueError(f"unknown variant {variant!r}: use configs/earth.py[:smoke|:align|:align_smoke|"
-                     ":retrieval|:retrieval_smoke|:retrieval_vit|:retrieval_tiny|:retrieval_tiny_smoke]")
+                     ":retrieval|:retrieval_smoke|:retrieval_vit|:retrieval_tiny|:retrieval_tiny_smoke|:fusion|"
+                     ":fusion_smoke]")
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.tokens = ml_collections.ConfigDict({"level": 20, "group_size": 2})
@@ -95,7 +96,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       config.init_from = ""
       config.num_epochs = 1
       config.optim.update(learning_rate=3e-4, warmup_steps=50)
-  if variant == "smoke":
+  if variant in ("smoke", "fusion_smoke"):
     config.model.vit.depth = 1
     config.model.decoder_layers = 1
     config.data.eval_limit = 64
@@ -108,6 +109,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.checkpoint_every_steps = 10
     config.evaluate.update(strategies="greedy,beam:3,sample:4:0.7:medoid,sample:4:0.7:vote",
                            batch_size=32)
+  if variant.startswith("fusion"):  # after the smoke sizes: its own strategies and lengths
+    _fusion(config, smoke=variant == "fusion_smoke")
   return config
 
 
@@ -198,3 +201,58 @@ def _retrieval(config: ml_collections.ConfigDict, smoke: bool, tiny: bool = Fals
     config.checkpoint_every_steps = 6
     config.eval_batch_size = 32
     config.evaluate.update(strategies=f"greedy,beam:3,knn:1,knn:{k}:medoid,knn:{k}:wvote", batch_size=32)
+
+
+# kNN-LM settings tried on validation by the fusion variant (decoding.knn_lm): lambda x tau, and
+# lambda gated by the top neighbour's score (0 below LO, lambda from HI on).
+FUSION_GRID = tuple(f"greedy:knn_lambda={lam:g}:knn_tau={tau:g}" for lam in (0.3, 0.5, 0.7)
+                    for tau in (0.01, 0.02, 0.05)) + (
+    "greedy:knn_lambda=0.7:knn_tau=0.02:knn_gate=0.5/0.8",
+    "greedy:knn_lambda=0.9:knn_tau=0.02:knn_gate=0.6/0.9",
+    "greedy:knn_lambda=0.9:knn_tau=0.02:knn_gate=0.7/0.95",
+    "sample:30:0.7:medoid:knn_lambda=0.5:knn_tau=0.02",
+)
+
+
+def _fusion(config: ml_collections.ConfigDict, smoke: bool) -> None:
+  """Retrieval and the decoder together, no fusion training: the default variant's ViT decoder
+  (it reads no neighbours: it trains on the plain records) and tiny-image kNN (the
+  Im2GPS baseline: 16 x 16 grey, no training), fused at decoding time by kNN-LM on the S2 tree
+  (decoding.knn_lm: p = lambda p_kNN + (1 - lambda) p_dec over whole token sequences).
+
+  Two regimes: the cell-blocked test split (whole level-6 cells never trained on) and an
+  interleaved one, "train:holdout": 2 % of the training split's level-13 cells (~1 km), removed
+  from training and from the gallery (data.splits maps train to train:rest).  Neighbour lists at
+  test time use no label (the index job's test regime: same id only).  lambda and tau are chosen
+  on the validation split (cell-blocked, like test) among FUSION_GRID by the mean of acc@25, 200,
+  750 and 2500 km (recipe.choose_among): the table's "chosen on validation" rows."""
+  config.data.holdout = ml_collections.ConfigDict({"fraction": 0.02, "by": "cell", "cell_level": 13, "salt": 0})
+  config.data.splits = ml_collections.ConfigDict({"train": "train:rest"})
+  config.recipe = ml_collections.ConfigDict({
+      "alignment": "tiny_image:16",
+      "splits": ("train", "validation", "test", "train:holdout"),
+      "eval_splits": ("validation", "test", "train:holdout"),
+      "embedding_dtype": "float16",
+      "embed_batch_size": 512,
+      "baseline_workdir": "",
+      "baseline_strategies": "greedy",
+  })
+  k = 10
+  config.retrieval = ml_collections.ConfigDict({
+      "k": k, "alignment_workdir": "align", "embeddings": "embeddings", "neighbors": "neighbors",
+      "gallery": "train", "fields": ("tiny",),
+      "search_k": 2 * k, "dtype": "float32", "chunk_rows": 32768, "query_batch": 1024, "margin": 16,
+      "block_rows": 65536, "same_id": True, "duplicate_km": 1.0, "duplicate_similarity": 0.95,
+      "group": "s2_cell:6", "dropout": 0.0, "shuffle": False,
+  })
+  config.recipe.choose_among = FUSION_GRID
+  config.recipe.choose_on = "validation"
+  config.evaluate.update(oracles=True, strategies=",".join(
+      ["greedy", "beam:5", "sample:30:0.7:medoid", "knn:1", f"knn:{k}:wvote", *FUSION_GRID]))
+  if smoke:  # seconds: 2,000 training rows, 64 per evaluation split
+    config.data.train_limit = 2000
+    config.data.eval_limit = 64
+    config.data.holdout.fraction = 0.2
+    config.retrieval.update(chunk_rows=512, query_batch=256, block_rows=1024)
+    config.recipe.choose_among = FUSION_GRID[:2] + FUSION_GRID[-3:-2]
+    config.evaluate.update(strategies=",".join(["greedy", "beam:3", "knn:1", *config.recipe.choose_among]))

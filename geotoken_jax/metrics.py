@@ -229,3 +229,27 @@ def format_table(rows: Mapping[str, Mapping], thresholds_km: Sequence[float] = T
       cells.append("-" if skipped is None else str(int(skipped)))
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
+
+
+def accuracy_by_score(scores, distances_by_name: Mapping[str, np.ndarray], *, threshold_km: float = 25.0,
+                      buckets: int = 5) -> dict:
+  """acc@threshold_km (%) of each method in equal-count buckets of a per-image score (e.g. the top
+  neighbour's similarity), lowest scores first: where retrieval is trustworthy and where the decoder
+  should speak.  Bucket edges are the score's quantiles; images are split by rank (ties by image
+  order), so every bucket holds len // buckets or one more.  -> {"edges": [buckets + 1],
+  "counts": [buckets], name: [buckets]}."""
+  scores = np.asarray(scores, np.float64)
+  if scores.ndim != 1 or not np.isfinite(scores).all():
+    raise ValueError("scores must be a 1-D array of finite numbers")
+  if buckets < 1 or scores.size < buckets:
+    raise ValueError(f"need at least {buckets} images for {buckets} buckets, got {scores.size}")
+  order = np.argsort(scores, kind="stable")
+  parts = np.array_split(order, buckets)
+  out = {"edges": [float(scores[order[0]])] + [float(scores[p[-1]]) for p in parts],
+         "counts": [int(p.size) for p in parts]}
+  for name, d in distances_by_name.items():
+    d = np.asarray(d, np.float64)
+    if d.shape != scores.shape:
+      raise ValueError(f"{name}: {d.shape[0] if d.ndim else 0} distances for {scores.size} scores")
+    out[str(name)] = [100.0 * float(np.mean(d[p] <= threshold_km)) for p in parts]
+  return out

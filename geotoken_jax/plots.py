@@ -123,6 +123,32 @@ def error_cdf(distances_by_name: Mapping[str, np.ndarray], path, *, title: str |
   return _save(error_cdf_figure(distances_by_name, title=title), path)
 
 
+def accuracy_by_score_plot(by_score: Mapping, path, *, threshold_km: float = 25.0, title: str | None = None,
+                           score_name: str = "top-1 neighbour score") -> str:
+  """Writes metrics.accuracy_by_score's result as a PNG (one line per method, the buckets on the
+  x axis labelled by their score ranges); returns path."""
+  names = [name for name in by_score if name not in ("edges", "counts")]
+  if not names:
+    raise ValueError("accuracy_by_score_plot needs at least one method")
+  edges, counts = by_score["edges"], by_score["counts"]
+  fig = _figure(CDF_FIGSIZE)
+  ax = fig.add_subplot(1, 1, 1)
+  x = np.arange(len(counts))
+  for name in names:
+    ax.plot(x, by_score[name], marker="o", linewidth=1.6, label=name)
+  ax.set_xticks(x)
+  ax.set_xticklabels([f"{edges[i]:.2f}-{edges[i + 1]:.2f}\n(n={counts[i]})" for i in x], fontsize=8)
+  ax.set_xlabel(f"{score_name} (equal-count buckets)")
+  ax.set_ylabel(f"acc@{threshold_km:g} km %")
+  ax.set_ylim(0.0, 100.0)
+  ax.grid(True, alpha=0.3)
+  ax.legend(loc="upper left", fontsize=8)
+  if title:
+    ax.set_title(title)
+  fig.subplots_adjust(left=0.09, right=0.97, bottom=0.16, top=0.92)
+  return _save(fig, path)
+
+
 # ----------------------------------------------------------------------------
 # World map.
 

@@ -33,9 +33,11 @@ import time
 
 import jax
 import ml_collections
+import numpy as np
 from etils import epath
 
-from geotoken_jax import data, embeddings, inference, metrics, trainer
+from geotoken_jax import data, embeddings, inference, metrics, plots, trainer
+from geotoken_jax.decoding import strategies
 from geotoken_jax.retrieval import neighbors, sources
 
 
@@ -89,6 +91,75 @@ def embed_action(directory, *, num_records: int, aligner: dict, dtype: str) -> t
   if embeddings.embedder_kind(aligner) != embeddings.ALIGNER:
     return "skip", f"written by this embedder ({json.dumps(aligner, sort_keys=True)})"
   return "skip", f"written by this aligner (step {aligner.get('step')}, parameters {aligner.get('params')})"
+
+
+def _row_label(config, name: str) -> str:
+  """A table row's label: oracle rows (evaluate.oracles: label-using upper bounds) and kNN rows are
+  no method of the decoder; the decoder's rows say whether its model reads neighbours."""
+  if name.startswith("oracle:"):
+    return name
+  if name.startswith("knn:"):
+    tiny = sources.tiny_image_spec(config)
+    return f"kNN ({tiny if tiny is not None else 'aligner embeddings'}) {name}"
+  return f"{'retrieval GeoToken' if sources.model_reads_neighbors(config) else 'GeoToken'} {name}"
+
+
+CHOICE_THRESHOLDS_KM = (25, 200, 750, 2500)
+
+
+def choose_strategy(recipe, by_split: dict) -> tuple[str, str, dict] | None:
+  """recipe.choose_among (strategy strings) ranked on recipe.choose_on (an evaluated split) by the
+  mean of acc@25, 200, 750 and 2500 km, fixed before any test figure is read; ties go to the
+  earlier entry.  -> (the chosen strategy's name, the split, {name: mean}), None without a choice."""
+  among = [strategies.parse_strategy(text).name for text in recipe.get("choose_among", ())]
+  if not among:
+    return None
+  choose_on = str(recipe.get("choose_on", ""))
+  if choose_on not in by_split:
+    raise ValueError(f"recipe.choose_on {choose_on!r} is not an evaluated split ({', '.join(by_split)}): add it "
+                     "to recipe.eval_splits")
+  results = by_split[choose_on]
+  missing = [name for name in among if name not in results]
+  if missing:
+    raise ValueError(f"recipe.choose_among names strategies the evaluation did not run: {missing}; add them to "
+                     "evaluate.strategies")
+  scores = {name: float(sum(results[name][f"acc@{t:g}km"] for t in CHOICE_THRESHOLDS_KM) / len(CHOICE_THRESHOLDS_KM))
+            for name in among}
+  best = max(among, key=lambda name: (scores[name], -among.index(name)))
+  return best, choose_on, scores
+
+
+def report_by_score(config, workdir, output_dirs: dict, chosen: str) -> dict:
+  """acc@25 and acc@200 km of the decoder (greedy), kNN (knn:1) and the chosen fusion, by bucket
+  of the top neighbour's similarity, per evaluated split: W/reports/accuracy_by_score.json and a
+  PNG per split and threshold (where retrieval is trusted, and where the decoder must speak)."""
+  reports = epath.Path(workdir) / "reports"
+  reports.mkdir(parents=True, exist_ok=True)
+  out = {}
+  for split, output_dir in output_dirs.items():
+    methods = {"GeoToken greedy": "greedy", "kNN knn:1": "knn:1", f"chosen: {chosen}": chosen}
+    distances = {}
+    for label, name in methods.items():
+      path = epath.Path(output_dir) / "predictions" / (inference.file_name(name) + ".jsonl")
+      if not path.exists():
+        continue
+      rows = sorted(inference.read_predictions(path), key=lambda r: r["index"])
+      distances[label] = np.asarray([r["error_km"] for r in rows], np.float64)
+    lists = neighbors.open_neighbors(sources.neighbors_dir(config, workdir, split))
+    top = np.asarray(lists.scores[:, 0], np.float64)
+    if not distances or any(d.shape != top.shape for d in distances.values()) or top.size < 5:
+      _log(f"report: {split} skipped (predictions and lists of different lengths)")
+      continue
+    top = np.where(np.isfinite(top), top, -1.0)  # a query without any neighbour: the lowest bucket
+    out[split] = {}
+    for threshold in (25.0, 200.0):
+      table = metrics.accuracy_by_score(top, distances, threshold_km=threshold)
+      out[split][f"acc@{threshold:g}km"] = table
+      plots.accuracy_by_score_plot(table, reports / f"accuracy_by_score_{inference.file_name(split)}_"
+                                   f"{threshold:g}km.png", threshold_km=threshold,
+                                   title=f"{split}: acc@{threshold:g} km by top-1 neighbour similarity")
+  (reports / "accuracy_by_score.json").write_text(json.dumps(out, indent=1))
+  return out
 
 
 def _timed(timings: dict, name: str, fn):
@@ -155,10 +226,12 @@ def run_recipe(config: ml_collections.ConfigDict, workdir) -> dict:
 
   # 3. Neighbour lists: each split in the gallery.  Lists searched in other stores (re-embedded
   # above) or with other settings than the config's are rebuilt (the index job says which).
-  _log(f"index: {', '.join(splits)} in {config.retrieval.gallery}")
+  # A model that reads no neighbours trains on the plain records: the gallery needs no lists.
+  query_splits = [s for s in splits if s != str(config.retrieval.gallery) or sources.model_reads_neighbors(config)]
+  _log(f"index: {', '.join(query_splits)} in {config.retrieval.gallery}")
   manifests = _timed(timings, "index", lambda: neighbors.run_index(
       sources.resolve(workdir, config.retrieval.embeddings), sources.resolve(workdir, config.retrieval.neighbors),
-      gallery=str(config.retrieval.gallery), queries=splits,
+      gallery=str(config.retrieval.gallery), queries=query_splits,
       settings=neighbors.settings_from_config(config.retrieval), overwrite=True))
   index_stats = {split: m.get("stats", {}) for split, m in manifests.items()}
   _log("index statistics: " + json.dumps(index_stats))
@@ -178,21 +251,32 @@ def run_recipe(config: ml_collections.ConfigDict, workdir) -> dict:
   # 5. Evaluation: every strategy of the config (decoder rows and kNN rows) on the test split.
   eval_splits = tuple(recipe.get("eval_splits", (config.test_split,)))
   baseline = str(recipe.get("baseline_workdir", ""))
-  rows = {}
+  rows, by_split, output_dirs = {}, {}, {}
   for split in eval_splits:
     suffix = f" ({split})" if len(eval_splits) > 1 else ""
     _log(f"evaluate {split}: {config.evaluate.strategies}")
     evaluation = _timed(timings, f"evaluate_{split}", lambda: inference.run_evaluation(  # noqa: B023
         config, workdir, split=split, make_plots=False))
+    by_split[split] = evaluation["results"]
+    output_dirs[split] = evaluation["output_dir"]
     # Oracle rows (evaluate.oracles: label-using upper bounds) are no method of the model: unprefixed.
-    rows.update({(f"{name}{suffix}" if name.startswith("oracle:") else f"retrieval GeoToken {name}{suffix}"): row
-                 for name, row in evaluation["results"].items()})
+    rows.update({f"{_row_label(config, name)}{suffix}": row for name, row in evaluation["results"].items()})
     if baseline:
       _log(f"evaluate {split}: baseline {baseline}")
       base = _timed(timings, f"evaluate_baseline_{split}", lambda: inference.run_evaluation(  # noqa: B023
           None, baseline, split=split, strategy_text=str(recipe.get("baseline_strategies", "greedy")),
           make_plots=False))
       rows.update({f"GeoToken, no retrieval {name}{suffix}": row for name, row in base["results"].items()})
+  chosen = choose_strategy(recipe, by_split)
+  if chosen is not None:
+    name, choose_on, scores = chosen
+    _log(f"chosen on {choose_on} (mean of acc@{'/'.join(f'{t:g}' for t in CHOICE_THRESHOLDS_KM)} km): {name} "
+         f"({scores[name]:.2f}; " + ", ".join(f"{n} {v:.2f}" for n, v in scores.items() if n != name) + ")")
+    rows = {**{f"chosen on {choose_on}: {name}" + (f" ({split})" if len(eval_splits) > 1 else ""):
+               by_split[split][name] for split in eval_splits if split != choose_on}, **rows}
+    timings["chosen"] = {"strategy": name, "on": choose_on, "scores": scores}
+    if jax.process_index() == 0:
+      report_by_score(config, workdir, output_dirs, name)
   table = metrics.format_table(rows)
   if jax.process_index() == 0:
     print(table, flush=True)

@@ -84,7 +84,8 @@ def test_every_stage_runs_and_the_table_has_decoder_and_knn_rows(recipe_run):
   assert out["index"]["train"]["excluded_in_top_k"]["same_id"] == 48  # each photo was its own rank 0
   names = set(out["results"])
   for strategy in ("greedy", "beam:3", "knn:1", "knn:4:wvote"):
-    row = out["results"][f"retrieval GeoToken {strategy}"]
+    label = f"kNN (aligner embeddings) {strategy}" if strategy.startswith("knn:") else f"retrieval GeoToken {strategy}"
+    row = out["results"][label]
     assert row["evaluated"] == 12, strategy
   saved = json.loads((workdir / "recipe.json").read_text())
   assert set(saved["results"]) == names

@@ -324,3 +324,4 @@ def test_config_checks_name_the_mismatch():
   config.model.encoder = "vit"
   with pytest.raises(ValueError, match="reads none"):
     sources.check_model(config)
+  sources.check_model(config, strategies_read_neighbors=True)  # neighbours for knn:K / kNN-LM only

@@ -226,9 +226,9 @@ def test_the_tiny_image_recipe_has_no_align_stage_and_knn_1_is_the_brute_force_n
     chosen = np.flatnonzero(np.abs(train_latlng - predicted[i]).max(axis=1) < 1e-4)
     assert np.isclose(scores[i, chosen].max(), scores[i, best[i]], rtol=0, atol=1e-6), i
   assert len(differ) <= 2
-  # The recipe's table: the knn:1 row and the oracle row, unprefixed (no method of the model).
-  assert "retrieval GeoToken knn:1" in out["results"] and "oracle:nearest_train" in out["results"]
-  assert out["results"]["retrieval GeoToken knn:1"]["evaluated"] == 64
+  # The recipe's table: the knn:1 row (labelled by its embedding) and the oracle row, unprefixed.
+  assert "kNN (tiny_image:16) knn:1" in out["results"] and "oracle:nearest_train" in out["results"]
+  assert out["results"]["kNN (tiny_image:16) knn:1"]["evaluated"] == 64
 
 
 def test_the_oracle_rows_of_the_evaluation(tiny_recipe):
@@ -244,8 +244,8 @@ def test_the_oracle_rows_of_the_evaluation(tiny_recipe):
   np.testing.assert_array_equal([r["train_row"] for r in rows], distances.argmin(axis=1))
   assert out["results"]["oracle:nearest_train"] == evaluation.score_predictions(rows)
   results = json.loads((workdir / "eval" / "test-step2" / "results.json").read_text())["results"]
-  assert set(results) == {"knn:1", "knn:10:vote", "oracle:knn:1", "oracle:knn:10", "oracle:nearest_train"}
-  assert set(out["results"]) == {"retrieval GeoToken knn:1", "retrieval GeoToken knn:10:vote", "oracle:knn:1",
+  assert set(results) == {"knn:1", "knn:10:vote", "oracle:knn:10", "oracle:nearest_train"}  # no oracle of a pool of one
+  assert set(out["results"]) == {"kNN (tiny_image:16) knn:1", "kNN (tiny_image:16) knn:10:vote",
                                  "oracle:knn:10", "oracle:nearest_train"}
   # The best-of-pool oracle over the 10 stored neighbours (chosen in float32 on the devices).
   lists = neighbors.open_neighbors(sources.neighbors_dir(config, workdir, "test"))
@@ -253,8 +253,7 @@ def test_the_oracle_rows_of_the_evaluation(tiny_recipe):
   best = np.asarray([r["error_km"] for r in inference.read_predictions(predictions / "oracle-knn-10.jsonl")])
   np.testing.assert_allclose(best, listed.min(axis=1), rtol=1e-4, atol=1e-2)
   knn_1 = np.asarray([r["error_km"] for r in inference.read_predictions(predictions / "knn-1.jsonl")])
-  oracle_1 = np.asarray([r["error_km"] for r in inference.read_predictions(predictions / "oracle-knn-1.jsonl")])
-  np.testing.assert_array_equal(oracle_1, knn_1)  # a pool of one: the oracle is the strategy
+  assert not (predictions / "oracle-knn-1.jsonl").exists()  # a pool of one has no oracle row
   # (the pools' locations are the stores' float32 coordinates: centimetres off the float64 ones)
   assert (distances.min(axis=1) <= best + 1e-3).all() and (best <= knn_1 + 1e-3).all()
 

@@ -26,7 +26,7 @@ from geotoken_jax import data, geocode, metrics, plots, runtime, s2, sharding
 from geotoken_jax.decoding import strategies
 from geotoken_jax.decoding.strategies import Strategy
 from geotoken_jax.inference.online_retrieval import evaluation_source
-from geotoken_jax.inference.predictor import (ORACLE_PREFIX, Predictor, group_strategies, oracle_name,
+from geotoken_jax.inference.predictor import (ORACLE_PREFIX, Predictor, group_strategies, has_oracle, oracle_name,
                                               predict_batches)
 from geotoken_jax.inference.restore import (evaluate_config, load_run_config, restore_aligner, restore_model,
                                             token_spec)
@@ -208,7 +208,8 @@ def run_evaluation(config: ml_collections.ConfigDict | None, workdir, *, strateg
   output_dir = epath.Path(output_dir or epath.Path(workdir) / "eval" / f"{file_name(split)}-step{step}")
   # With oracles, the predictor also returns each pool's best-of-pool oracle (oracle:<pool>),
   # written and resumed like the strategies.
-  pool_oracles = list(dict.fromkeys(oracle_name(g.pool) for g in group_strategies(wanted))) if oracles else []
+  pool_oracles = list(dict.fromkeys(oracle_name(g.pool) for g in group_strategies(wanted)
+                                    if has_oracle(g.pool))) if oracles else []
   names = [s.name for s in wanted] + pool_oracles
   paths = {name: output_dir / "predictions" / (file_name(name) + ".jsonl") for name in names}
   if process_index == 0:

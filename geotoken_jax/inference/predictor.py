@@ -45,13 +45,19 @@ ORACLE_PREFIX = "oracle:"
 
 def oracle_name(strategy: Strategy) -> str:
   """The output key of the best-of-pool oracle of a strategy's pool: "oracle:" + the pool's
-  name without its selection rule, e.g. oracle:greedy, oracle:beam:5, oracle:sample:30:0.7,
+  name without its selection rule, e.g. oracle:beam:5, oracle:sample:30:0.7,
   oracle:sample:30:0.7:top_p=0.9:knn_lambda=0.5, oracle:knn:10, oracle:gallery:30."""
   pool = strategy.pool_key
   parts = pool.name.split(":")
   if pool.kind == "sample":  # sample:N:T:RULE[:...]: the rule is always written
     del parts[3]
   return ORACLE_PREFIX + ":".join(parts)
+
+
+def has_oracle(strategy: Strategy) -> bool:
+  """Does the strategy's pool get a best-of-pool oracle?  Not a pool of one (greedy, knn:1,
+  gallery:1): its oracle would be the strategy itself."""
+  return strategy.pool_size > 1
 
 
 def oracle_choice(pool: Mapping[str, jax.Array], truth: jax.Array, num_candidates: int) -> dict[str, jax.Array]:
@@ -113,7 +119,7 @@ class Predictor:
     self.strategies = list(wanted)
     self.groups = group_strategies(self.strategies)
     self.oracles = bool(oracles)
-    self.oracle_names = [oracle_name(g.pool) for g in self.groups] if self.oracles else []
+    self.oracle_names = [oracle_name(g.pool) for g in self.groups if has_oracle(g.pool)] if self.oracles else []
     self.tries = dict(tries or {})
     self.aligner = aligner
     self.gallery = gallery
@@ -181,7 +187,7 @@ class Predictor:
               "candidate_latlng": jnp.take_along_axis(pool["latlng"], index[:, :, None], axis=1),
               "candidate_prob": chosen["candidate_prob"],  # [batch, k]
           }
-        if with_oracles:  # label-aware: the pool's entry nearest to the truth
+        if with_oracles and has_oracle(group.pool):  # label-aware: the pool's entry nearest to the truth
           chosen = oracle_choice(pool, batch["latlng"], k)
           index = jnp.maximum(chosen["candidates"], 0)
           out[oracle_name(group.pool)] = {

@@ -83,6 +83,13 @@ def has_lists(config, workdir, split: str) -> bool:
   return (neighbors_dir(config, workdir, split) / neighbors.MANIFEST).exists()
 
 
+def model_reads_neighbors(config) -> bool:
+  """Does the run's model read neighbours (a features encoder, a ViT with neighbour memory)?  A
+  model that does not still gets each evaluation split's lists, for its kNN and kNN-LM strategies,
+  but trains on the plain records: the gallery needs no lists of its own then."""
+  return "neighbor_tokens" in geotoken.input_keys(config.model)
+
+
 def reads_features(config) -> bool:
   """Does the run's model read embedding features (join.FEATURE_FIELDS)?  The feature encoder
   does; an image encoder with a neighbour memory reads the neighbours' tokens and scores only
@@ -214,14 +221,20 @@ def get_source(config, workdir, split: str, spec: s2.TokenSpec, *, seed: int = 0
                      keep_image=keep_image)
 
 
-def check_model(config, gallery: join.NeighborGallery | None = None) -> None:
-  """The model reads what the retrieval block feeds (K, the fields and their width)."""
+def check_model(config, gallery: join.NeighborGallery | None = None, *, strategies_read_neighbors: bool = False
+                ) -> None:
+  """The model reads what the retrieval block feeds (K, the fields and their width), or reads none
+  and `strategies_read_neighbors` (its evaluation strategies do: knn:K, kNN-LM)."""
   model, r = config.model, config.retrieval
   if "architecture" in model and model.architecture == "align":
     raise ValueError("an alignment model does not read neighbours: remove the retrieval block")
-  if str(model.encoder) != "features" and not bool(model.get("neighbor_memory", False)):
-    raise ValueError("the config retrieves neighbours but its model reads none: use model.encoder "
-                     "'features' or set model.neighbor_memory = True")
+  if not model_reads_neighbors(config):
+    # Neighbours that only the evaluation strategies read (knn:K, kNN-LM): the model reads none.
+    if not strategies_read_neighbors:
+      raise ValueError("the config retrieves neighbours but its model reads none and no evaluation strategy "
+                       "uses them: use model.encoder 'features', set model.neighbor_memory = True, or evaluate "
+                       "knn:K / kNN-LM strategies (knn_lambda=...)")
+    return
   if int(model.features.num_neighbors) != int(r.k):
     raise ValueError(f"retrieval.k ({r.k}) must equal model.features.num_neighbors "
                      f"({model.features.num_neighbors})")
