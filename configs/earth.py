@@ -145,6 +145,29 @@ def _align(config: ml_collections.ConfigDict, smoke: bool) -> None:
     config.evaluate.update(strategies="gallery:1,gallery:5:medoid", batch_size=32, gallery_limit=500)
 
 
+def _recipe_block(alignment, splits, *, embed_batch_size: int, **extra) -> ml_collections.ConfigDict:
+  """config.recipe (geotoken_jax.recipe): the aligner (a training config, or "tiny_image:S"), the
+  splits embedded and searched, and any further recipe field."""
+  return ml_collections.ConfigDict({
+      "alignment": alignment, "splits": tuple(splits), "embedding_dtype": "float16",
+      "embed_batch_size": embed_batch_size,
+      # A non-retrieval GeoToken run (e.g. workdirs/earth) evaluated into the same table.
+      "baseline_workdir": "", "baseline_strategies": "greedy", **extra})
+
+
+def _retrieval_block(fields, *, k: int, dropout: float) -> ml_collections.ConfigDict:
+  """config.retrieval: K neighbours per example from the training split, searched over `fields`
+  (mean cosine), 2K listed; leak rules; training-time neighbour dropout."""
+  return ml_collections.ConfigDict({
+      "k": k, "alignment_workdir": "align", "embeddings": "embeddings", "neighbors": "neighbors",
+      "gallery": "train", "fields": tuple(fields),
+      "search_k": 2 * k, "dtype": "float32", "chunk_rows": 32768, "query_batch": 1024, "margin": 16,
+      "block_rows": 65536, "same_id": True, "duplicate_km": 1.0, "duplicate_similarity": 0.95,
+      "group": "s2_cell:6",  # the held-out splits are whole level-6 cells: so are training lists
+      "dropout": dropout, "shuffle": False,
+  })
+
+
 def _retrieval(config: ml_collections.ConfigDict, smoke: bool, tiny: bool = False) -> None:
   """The retrieval-augmented GeoToken of the earth benchmark, as one recipe (geotoken_jax.recipe):
   the alignment model (the :align variant) -> embeddings of every split -> each split's
@@ -158,24 +181,10 @@ def _retrieval(config: ml_collections.ConfigDict, smoke: bool, tiny: bool = Fals
   L2-normalized; no align stage), the stores hold one field, "tiny" (256-d), and the kNN rows
   are kNN over tiny images.
   """
-  config.recipe = ml_collections.ConfigDict({
-      "alignment": "tiny_image:16" if tiny else get_config("align_smoke" if smoke else "align"),
-      "splits": ("train", "validation", "test"),
-      "embedding_dtype": "float16",
-      "embed_batch_size": 256,
-      # A non-retrieval GeoToken run (e.g. workdirs/earth) evaluated into the same table.
-      "baseline_workdir": "",
-      "baseline_strategies": "greedy",
-  })
+  config.recipe = _recipe_block("tiny_image:16" if tiny else get_config("align_smoke" if smoke else "align"),
+                                ("train", "validation", "test"), embed_batch_size=256)
   k = 10
-  config.retrieval = ml_collections.ConfigDict({
-      "k": k, "alignment_workdir": "align", "embeddings": "embeddings", "neighbors": "neighbors",
-      "gallery": "train", "fields": ("image", "loc_head"),
-      "search_k": 2 * k, "dtype": "float32", "chunk_rows": 32768, "query_batch": 1024, "margin": 16,
-      "block_rows": 65536, "same_id": True, "duplicate_km": 1.0, "duplicate_similarity": 0.95,
-      "group": "s2_cell:6",  # the held-out splits are whole level-6 cells: so are training lists
-      "dropout": 0.1, "shuffle": False,
-  })
+  config.retrieval = _retrieval_block(("image", "loc_head"), k=k, dropout=0.1)
   config.model = models.model_config("paper_modern")
   config.model.update(d_model=128, num_heads=4, ff_dim=512, encoder_layers=2, decoder_layers=3, dropout=0.0)
   config.model.features.update(num_neighbors=k, num_features=2, feature_dim=256)
@@ -228,23 +237,10 @@ def _fusion(config: ml_collections.ConfigDict, smoke: bool) -> None:
   750 and 2500 km (recipe.choose_among): the table's "chosen on validation" rows."""
   config.data.holdout = ml_collections.ConfigDict({"fraction": 0.02, "by": "cell", "cell_level": 13, "salt": 0})
   config.data.splits = ml_collections.ConfigDict({"train": "train:rest"})
-  config.recipe = ml_collections.ConfigDict({
-      "alignment": "tiny_image:16",
-      "splits": ("train", "validation", "test", "train:holdout"),
-      "eval_splits": ("validation", "test", "train:holdout"),
-      "embedding_dtype": "float16",
-      "embed_batch_size": 512,
-      "baseline_workdir": "",
-      "baseline_strategies": "greedy",
-  })
+  config.recipe = _recipe_block("tiny_image:16", ("train", "validation", "test", "train:holdout"),
+                                embed_batch_size=512, eval_splits=("validation", "test", "train:holdout"))
   k = 10
-  config.retrieval = ml_collections.ConfigDict({
-      "k": k, "alignment_workdir": "align", "embeddings": "embeddings", "neighbors": "neighbors",
-      "gallery": "train", "fields": ("tiny",),
-      "search_k": 2 * k, "dtype": "float32", "chunk_rows": 32768, "query_batch": 1024, "margin": 16,
-      "block_rows": 65536, "same_id": True, "duplicate_km": 1.0, "duplicate_similarity": 0.95,
-      "group": "s2_cell:6", "dropout": 0.0, "shuffle": False,
-  })
+  config.retrieval = _retrieval_block(("tiny",), k=k, dropout=0.0)
   config.recipe.choose_among = FUSION_GRID
   config.recipe.choose_on = "validation"
   config.evaluate.update(oracles=True, strategies=",".join(

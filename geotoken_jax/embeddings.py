@@ -209,8 +209,7 @@ def embedded_batches(embed_fn: Callable[[dict], Mapping[str, jax.Array]], source
   batches = iter(data.eval_batches(source, batch_size=batch_size, process_index=process_index,
                                    process_count=process_count, start_batch=start_batch))
   for number in range(start_batch, num_batches):
-    local = next(batches)
-    local["index"] = ((number * process_count + process_index) * batch_size + np.arange(batch_size)).astype(np.int32)
+    local = next(batches)  # its "index": the rows' numbers in the source
     if "latlng" not in local:
       raise ValueError(f"the records of {source!r} have no latlng")
     out = embed_fn(sharding.make_global_batch(runtime.device_fields(local), mesh))

@@ -20,8 +20,17 @@ prediction files), all under one workdir W:
                excluded) into W/<retrieval.neighbors>/<split>/; lists searched in
                other stores or with other settings than the config's are rebuilt
   4. train     the retrieval-augmented GeoToken (config itself) in W
-  5. evaluate  its strategies and the kNN rows on the test split; with
-               recipe.baseline_workdir, that run's rows beside them in one table
+  5. evaluate  its strategies and the kNN rows on the test split (or every split
+               of recipe.eval_splits); with recipe.baseline_workdir, that run's rows
+               beside them in one table.  With recipe.choose_among (strategy strings)
+               and recipe.choose_on (an evaluated split), the strategy with the best
+               mean of acc@25/200/750/2500 km there is named before the table is read
+               (choose_strategy) and its rows on the other splits head the table;
+               W/reports/ then holds accuracy by top-neighbour-score bucket
+               (report_by_score)
+
+A model that reads no neighbours (a plain ViT evaluated with knn:K or kNN-LM
+strategies) trains on the plain records: the gallery split gets no lists of its own.
 
 A run stopped anywhere (preempted, killed) resumes with the same command.
 """

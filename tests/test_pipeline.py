@@ -198,6 +198,11 @@ def test_eval_covers_everything_once(num_records, batch_size, process_count):
                                           for p in range(process_count)])
                           for k in range(expected_count)])
   np.testing.assert_array_equal(order, np.arange(num_records))
+  # "index": the rows' numbers, consecutive over each global batch (padding past the end).
+  index = np.concatenate([np.concatenate([per_process[p][k]["index"] for p in range(process_count)])
+                          for k in range(expected_count)])
+  np.testing.assert_array_equal(index, np.arange(expected_count * batch_size * process_count))
+  assert index.dtype == np.int32
   # Iterable more than once.
   again = list(pipeline.eval_batches(ToySource(num_records), batch_size=batch_size,
                                      process_index=0, process_count=process_count))

@@ -16,27 +16,11 @@ from flax import nnx
 from geotoken_jax import embeddings, models, s2, sharding
 from geotoken_jax.decoding import selection, strategies
 from geotoken_jax.retrieval import exclusion, join, neighbors, sources
+from array_source import ArraySource
 
 N = 60
 DIMS = {"image": 12, "loc_head": 8}
 SPEC = s2.TokenSpec(20, 2)
-
-
-class FeatureSource:
-  """Records with two stored feature fields (embedded as they are), coordinates, tokens, ids."""
-
-  def __init__(self, arrays):
-    self.arrays = arrays
-
-  def __len__(self):
-    return len(self.arrays["latlng"])
-
-  def __getitem__(self, index):
-    return {k: v[index] for k, v in self.arrays.items()}
-
-  def get_batch(self, indices, positions=None):
-    del positions
-    return {k: v[np.asarray(indices)] for k, v in self.arrays.items()}
 
 
 def planted_gallery(seed: int = 0) -> dict:
@@ -59,7 +43,7 @@ def planted_gallery(seed: int = 0) -> dict:
 def write_store(arrays: dict, directory) -> embeddings.Embeddings:
   mesh = sharding.create_mesh({"data": -1, "fsdp": 1})
   fn = lambda b: {"image": b["f_image"], "loc_head": b["f_loc_head"]}  # noqa: E731
-  embeddings.write_embeddings(fn, FeatureSource(arrays), str(directory), mesh=mesh, global_batch_size=8,
+  embeddings.write_embeddings(fn, ArraySource(arrays), str(directory), mesh=mesh, global_batch_size=8,
                               dtype="float32", shard_rows=16, progress=False)
   return embeddings.open_embeddings(str(directory))
 
@@ -199,7 +183,7 @@ def lists(store, tmp_path_factory):
 def test_join_gives_each_example_its_neighbours_tokens_and_features(store, lists):
   _, arrays, gallery_store = store
   gallery = join.NeighborGallery(gallery_store, ("image", "loc_head"), SPEC)
-  source = join.RetrievalSource(FeatureSource(arrays), query_store=gallery_store, neighbors=lists, gallery=gallery,
+  source = join.RetrievalSource(ArraySource(arrays), query_store=gallery_store, neighbors=lists, gallery=gallery,
                                 k=5)
   rows = np.array([3, 17, 52, 0])
   batch = source.get_batch(rows)
@@ -216,12 +200,12 @@ def test_join_gives_each_example_its_neighbours_tokens_and_features(store, lists
   assert batch["neighbor_features"].shape == (4, 5, 2, width) and batch["neighbor_valid"].all()
   # Records that are not the embeddings' rows (another order) are refused.
   shuffled = {k: v[::-1].copy() for k, v in arrays.items()}
-  wrong = join.RetrievalSource(FeatureSource(shuffled), query_store=gallery_store, neighbors=lists, gallery=gallery,
+  wrong = join.RetrievalSource(ArraySource(shuffled), query_store=gallery_store, neighbors=lists, gallery=gallery,
                                k=5)
   with pytest.raises(ValueError, match="another split or order"):
     wrong.get_batch(rows)
   with pytest.raises(ValueError, match="8"):
-    join.RetrievalSource(FeatureSource(arrays), query_store=gallery_store, neighbors=lists, gallery=gallery, k=9)
+    join.RetrievalSource(ArraySource(arrays), query_store=gallery_store, neighbors=lists, gallery=gallery, k=9)
 
 
 def test_lists_searched_in_other_embeddings_are_refused(store, lists, tmp_path):
@@ -230,13 +214,13 @@ def test_lists_searched_in_other_embeddings_are_refused(store, lists, tmp_path):
   other = write_store(changed, tmp_path / "other")
   gallery = join.NeighborGallery(other, ("image", "loc_head"), SPEC)
   with pytest.raises(ValueError, match="other gallery embeddings"):
-    join.RetrievalSource(FeatureSource(changed), query_store=other, neighbors=lists, gallery=gallery, k=5)
+    join.RetrievalSource(ArraySource(changed), query_store=other, neighbors=lists, gallery=gallery, k=5)
 
 
 def test_neighbour_dropout_and_shuffle_are_seeded_by_position(store, lists):
   _, arrays, gallery_store = store
   gallery = join.NeighborGallery(gallery_store, ("image", "loc_head"), SPEC)
-  make = lambda **kw: join.RetrievalSource(FeatureSource(arrays), query_store=gallery_store,  # noqa: E731
+  make = lambda **kw: join.RetrievalSource(ArraySource(arrays), query_store=gallery_store,  # noqa: E731
                                            neighbors=lists, gallery=gallery, k=4, seed=1, **kw)
   rows, positions = np.arange(40), np.arange(40) + 1000
   noisy = make(dropout=0.5, shuffle=True)

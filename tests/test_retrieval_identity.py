@@ -25,6 +25,7 @@ from geotoken_jax.data import pipeline
 from geotoken_jax.inference import restore
 from geotoken_jax.models import geotoken
 from geotoken_jax.retrieval import join, neighbors, sources
+from array_source import ArraySource
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPEC = s2.TokenSpec(20, 2)
@@ -89,25 +90,10 @@ def one_device():
 
 def write_store(arrays: dict, directory, *, extra=None, shard_rows: int = 16) -> embeddings.Embeddings:
   fn = lambda b: {"image": b["f_image"], "loc_head": b["f_loc_head"]}  # noqa: E731
-  embeddings.write_embeddings(fn, _Records(arrays),
+  embeddings.write_embeddings(fn, ArraySource(arrays),
                               str(directory), mesh=one_device(), global_batch_size=64, dtype="float32",
                               shard_rows=shard_rows, progress=False, manifest_extra=extra)
   return embeddings.open_embeddings(str(directory))
-
-
-class _Records:
-  def __init__(self, arrays):
-    self.arrays = arrays
-
-  def __len__(self):
-    return len(self.arrays["latlng"])
-
-  def __getitem__(self, index):
-    return {k: v[index] for k, v in self.arrays.items()}
-
-  def get_batch(self, indices, positions=None):
-    del positions
-    return {k: v[np.asarray(indices)] for k, v in self.arrays.items()}
 
 
 def retrieval_config(model: str = "features", **retrieval) -> ml_collections.ConfigDict:

@@ -21,6 +21,7 @@ from fsspec.implementations.memory import MemoryFileSystem
 from geotoken_jax import embeddings, retrieval, s2, sharding
 from geotoken_jax.inference import online_retrieval
 from geotoken_jax.retrieval import exclusion, join, neighbors
+from array_source import ArraySource
 
 N = 300  # gallery records: 10 shards of 32 (the last one 12)
 SHARD_ROWS = 32
@@ -81,21 +82,6 @@ def file_sizes(prefix: str) -> dict[str, int]:
   return {k: len(v.getbuffer()) for k, v in CountingGCS.store.items() if k.startswith(prefix) and k.endswith(".npy")}
 
 
-class FeatureSource:
-  def __init__(self, arrays):
-    self.arrays = arrays
-
-  def __len__(self):
-    return len(self.arrays["latlng"])
-
-  def __getitem__(self, index):
-    return {k: v[index] for k, v in self.arrays.items()}
-
-  def get_batch(self, indices, positions=None):
-    del positions
-    return {k: v[np.asarray(indices)] for k, v in self.arrays.items()}
-
-
 def records(n: int, seed: int, first_id: int = 1000) -> dict:
   rng = np.random.default_rng(seed)
   latlng = np.stack([rng.uniform(-60, 60, n), rng.uniform(-170, 170, n)], -1).astype(np.float32)
@@ -109,7 +95,7 @@ def records(n: int, seed: int, first_id: int = 1000) -> dict:
 def write(arrays: dict, directory) -> embeddings.Embeddings:
   mesh = sharding.create_mesh({"data": -1, "fsdp": 1})
   fn = lambda b: {"image": b["f_image"], "loc_head": b["f_loc_head"]}
-  embeddings.write_embeddings(fn, FeatureSource(arrays), str(directory), mesh=mesh, global_batch_size=40,
+  embeddings.write_embeddings(fn, ArraySource(arrays), str(directory), mesh=mesh, global_batch_size=40,
                               dtype="float32", shard_rows=SHARD_ROWS, manifest_extra=EXTRA, progress=False)
   return embeddings.open_embeddings(str(directory))
 
@@ -256,7 +242,7 @@ def test_the_index_job_reads_the_store_features_once_for_the_matrix(gcs, tmp_pat
   # A changed store (re-embedded) gets its matrix rebuilt.
   changed = dict(arrays, f_image=arrays["f_image"] + 1.0)
   embeddings.write_embeddings(lambda b: {"image": b["f_image"], "loc_head": b["f_loc_head"]},
-                              FeatureSource(changed), "gs://bucket/emb/train", mesh=sharding.create_mesh(
+                              ArraySource(changed), "gs://bucket/emb/train", mesh=sharding.create_mesh(
                                   {"data": -1, "fsdp": 1}), global_batch_size=40, dtype="float32",
                               shard_rows=SHARD_ROWS, manifest_extra=EXTRA, progress=False, overwrite=True)
   rebuilt = neighbors.search_matrix(embeddings.open_embeddings("gs://bucket/emb/train"), SETTINGS["fields"],

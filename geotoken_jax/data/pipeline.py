@@ -237,6 +237,7 @@ class _EvalBatch:
     if "id" in batch:
       batch["id"] = np.where(mask, batch["id"], np.asarray(-1, batch["id"].dtype))
     batch["mask"] = mask
+    batch["index"] = positions.astype(np.int32)  # the rows' numbers in the source (padding past its end)
     return batch
 
 
@@ -248,7 +249,9 @@ def eval_batches(source, *, batch_size: int, process_index: int = 0,
   global_batch_size): the global eval batch is batch_size * process_count rows.
   Every process yields num_eval_batches(len(source), batch_size=batch_size,
   process_count=process_count) batches; rows past the end are padding with
-  "mask" False (and "id" -1 when the source has ids).  The result is a grain
+  "mask" False (and "id" -1 when the source has ids).  "index" [B] int32 holds
+  each row's number in the source: (batch * process_count + process_index) *
+  batch_size + arange(batch_size), so a global batch holds consecutive rows.  The result is a grain
   IterDataset: iterate it as often as needed.  start_batch skips the first
   batches (a resumed evaluation).
   """
