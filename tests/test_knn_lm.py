@@ -426,7 +426,7 @@ def test_predictor_checks_its_inputs():
   plain = {"image": images(2, seed=1), "index": np.arange(2, dtype=np.int32)}
   wanted = strategies.parse_strategies("greedy,beam:3:knn_lambda=0.5", SPEC)
   predictor = inference.Predictor(graphdef, params, shardings, mesh, SPEC, wanted)
-  with pytest.raises(ValueError, match="beam:3:knn_lambda=0.5 mixes .* no neighbor_tokens, neighbor_scores"):
+  with pytest.raises(ValueError, match="beam:3:knn_lambda=0.5 reads the retrieved neighbours .* no neighbor_tokens, neighbor_scores"):
     predictor(sharding.make_global_batch(plain, mesh))
   oracle = inference.Predictor(graphdef, params, shardings, mesh, SPEC, wanted[:1], oracles=True)
   with pytest.raises(ValueError, match="no `latlng`"):

@@ -166,19 +166,15 @@ def check_neighbors(neighbors: Mapping[str, jax.Array] | None, what: str) -> Non
   """Raises a ValueError naming the neighbour keys `neighbors` lacks."""
   missing = [key for key in NEIGHBOR_KEYS if neighbors is None or key not in neighbors]
   if missing:
-    raise ValueError(f"{what} mixes the decoder with retrieved neighbours (kNN-LM) but the batch has no "
+    raise ValueError(f"{what} reads the retrieved neighbours (kNN-LM or add_neighbors) but the batch has no "
                      f"{', '.join(missing)}: evaluate a run with a `retrieval` block (neighbours in the "
                      "batch) or attach neighbours with online retrieval")
 
 
-def mix_neighbors(tokens_to_logits: TokensToLogits, cache: Cache, neighbors: Mapping[str, jax.Array], *,
-                  lam: float, tau: float, sequences_per_image: int, vocab_size: int, k: int = 0,
-                  gate: tuple[float, float] | None = None, what: str = "kNN-LM"
-                  ) -> tuple[TokensToLogits, Cache]:
-  """(tokens_to_logits, cache) of the kNN-LM mixture over the first k (0 = all) of the batch's
-  neighbours: `neighbors` holds neighbor_tokens [B, K, P], neighbor_scores [B, K] and optionally
-  neighbor_valid [B, K] (default all valid).  lam in [0, 1], optionally gated (gated_lambda);
-  tau > 0 the softmax temperature of the neighbour weights."""
+def first_neighbors(neighbors: Mapping[str, jax.Array] | None, k: int = 0, what: str = "kNN-LM"
+                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(neighbor_tokens [B, k, P] int32, neighbor_scores [B, k], neighbor_valid [B, k] bool) of the
+  first k (0 = all) of the batch's neighbours; valid defaults to all True."""
   check_neighbors(neighbors, what)
   tokens, scores = neighbors["neighbor_tokens"], neighbors["neighbor_scores"]
   valid = neighbors.get("neighbor_valid")
@@ -189,6 +185,36 @@ def mix_neighbors(tokens_to_logits: TokensToLogits, cache: Cache, neighbors: Map
     tokens, scores = tokens[:, :k], scores[:, :k]
     valid = None if valid is None else valid[:, :k]
   valid = jnp.ones(scores.shape, jnp.bool_) if valid is None else jnp.asarray(valid, jnp.bool_)
+  return jnp.asarray(tokens).astype(jnp.int32), scores, valid
+
+
+def sequence_log_prob(paths: jax.Array, log_p_dec: jax.Array, neighbors: Mapping[str, jax.Array], *,
+                      lam: float, tau: float, k: int = 0, gate: tuple[float, float] | None = None,
+                      what: str = "kNN-LM") -> jax.Array:
+  """The exact log-probability of whole sequences under the mixture, log p(y) =
+  logaddexp(log lambda + log p_kNN(y), log(1 - lambda) + log p_dec(y)) with
+  p_kNN(y) = sum_k w_k [y == path_k] over the same neighbours, weights and (gated) lambda
+  as mix_neighbors.  paths [B, M, P] int, log_p_dec [B, M] (the decoder's log p_dec(y),
+  untempered) -> [B, M] float32 (-inf where p(y) = 0: lambda = 1 off every neighbour's path).
+  Without a trie this equals the product of the conditionals that mix_neighbors decodes."""
+  tokens, scores, valid = first_neighbors(neighbors, k, what)
+  lam_b = gated_lambda(scores, valid, lam, gate)  # [B]
+  log_w = neighbor_log_weights(scores, valid, tau)  # [B, K]
+  same = jnp.all(jnp.asarray(paths, jnp.int32)[:, :, None, :] == tokens[:, None, :, :], axis=-1)  # [B, M, K]
+  log_knn = jax.nn.logsumexp(jnp.where(same, log_w[:, None, :], -jnp.inf), axis=-1)  # [B, M]
+  return jnp.logaddexp(jnp.log(lam_b)[:, None] + log_knn,
+                       jnp.log1p(-lam_b)[:, None] + jnp.asarray(log_p_dec, jnp.float32))
+
+
+def mix_neighbors(tokens_to_logits: TokensToLogits, cache: Cache, neighbors: Mapping[str, jax.Array], *,
+                  lam: float, tau: float, sequences_per_image: int, vocab_size: int, k: int = 0,
+                  gate: tuple[float, float] | None = None, what: str = "kNN-LM"
+                  ) -> tuple[TokensToLogits, Cache]:
+  """(tokens_to_logits, cache) of the kNN-LM mixture over the first k (0 = all) of the batch's
+  neighbours: `neighbors` holds neighbor_tokens [B, K, P], neighbor_scores [B, K] and optionally
+  neighbor_valid [B, K] (default all valid).  lam in [0, 1], optionally gated (gated_lambda);
+  tau > 0 the softmax temperature of the neighbour weights."""
+  tokens, scores, valid = first_neighbors(neighbors, k, what)
   lam_per_image = gated_lambda(scores, valid, lam, gate)
   state = init_state(tokens, scores, valid, lam_per_image, tau=tau, sequences_per_image=sequences_per_image,
                      vocab_size=vocab_size)

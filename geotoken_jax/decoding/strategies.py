@@ -2,7 +2,7 @@
 
 A strategy string (comma-separate several for the evaluation job):
 
-  greedy                       argmax per position
+  greedy[:RULE]                argmax per position (a RULE only with add_neighbors: a union pool)
   beam:W[:RULE]                beam search of width W; the prediction is chosen
                                from the W beams by RULE (default logprob = the best beam)
   sample:N:T[:RULE]            N samples per image at temperature T; RULE picks
@@ -39,8 +39,12 @@ followed by optional key=value fields:
   knn_k=K                      use the first K neighbours (default 0 = all the batch carries)
   knn_gate=LO/HI               gate L by the top valid neighbour's score s1:
                                L x clip((s1 - LO) / (HI - LO), 0, 1) (LO == HI: a step)
+  add_neighbors=K              union pool (greedy, beam and sample only; needs the batch's
+                               neighbours): the decoded pool plus the paths of the batch's
+                               first K retrieved neighbours, each scored under the pool's own
+                               distribution (see union_pool), so every rule picks from both
 e.g. "sample:30:0.7:medoid:top_p=0.95:trie=2:trie_level=10",
-"beam:5:knn_lambda=0.3:knn_tau=0.1", "greedy:knn_lambda=0.5:knn_gate=0.6/0.9".
+"beam:5:knn_lambda=0.3:knn_tau=0.1", "greedy:knn_lambda=0.5:knn_gate=0.6/0.9", "beam:5:wvote:add_neighbors=10".
 
 A beam width above the number of sequences the trie allows (CellTrie.num_sequences,
 static) is clamped to it with a warning, so the pool has min(W, allowed) beams.
@@ -66,9 +70,10 @@ from geotoken_jax import s2
 from geotoken_jax.decoding.beam import beam_search, check_beam_size
 from geotoken_jax.decoding.constraints import CellTrie
 from geotoken_jax.decoding.greedy import greedy_decode
-from geotoken_jax.decoding.knn_lm import check_neighbors, mix_neighbors
+from geotoken_jax.decoding.constraints import ALLOWED_LOGIT
+from geotoken_jax.decoding.knn_lm import check_neighbors, mix_neighbors, sequence_log_prob
 from geotoken_jax.decoding.sampling import check_sampling, sample_sequences
-from geotoken_jax.decoding.selection import SCORE_RULES, SELECTION_RULES, select, top_candidates
+from geotoken_jax.decoding.selection import SCORE_RULES, SELECTION_RULES, first_occurrence, select, top_candidates
 from geotoken_jax.s2 import jax_ops
 
 KINDS = ("greedy", "beam", "sample", "gallery", "knn")
@@ -97,6 +102,7 @@ class Strategy:
   knn_tau: float = DEFAULT_KNN_TAU  # the neighbours' softmax temperature
   knn_k: int = 0  # the first K neighbours; 0 = all the batch carries
   knn_gate: tuple[float, float] | None = None  # (lo, hi): lambda gated by the top neighbour's score
+  add_neighbors: int = 0  # union pool: + the first K neighbours' paths; 0 = the decoded pool alone
 
   @property
   def knn_lm(self) -> bool:
@@ -117,7 +123,7 @@ class Strategy:
   def name(self) -> str:
     """Canonical spec string (parse(name) == self)."""
     if self.kind == "greedy":
-      parts = ["greedy"]
+      parts = ["greedy"] if self.rule == "logprob" else ["greedy", self.rule]
     elif self.kind in ("gallery", "knn"):
       parts = [self.kind, str(self.num_samples)]
       if self.rule != "logprob":
@@ -142,6 +148,8 @@ class Strategy:
       parts.append(f"knn_k={self.knn_k}")
     if self.knn_gate is not None:
       parts.append(f"knn_gate={_number(self.knn_gate[0])}/{_number(self.knn_gate[1])}")
+    if self.add_neighbors:
+      parts.append(f"add_neighbors={self.add_neighbors}")
     if self.trie_min_count:
       parts.append(f"trie={self.trie_min_count}")
       if self.trie_level:
@@ -171,6 +179,7 @@ class Strategy:
         raise ValueError(f"{self.name}: the number of samples must be >= 1")
       check_sampling(self.temperature, self.top_k, self.top_p)
     self._check_knn_lm()
+    self._check_add_neighbors()
     if self.trie_level and not self.trie_min_count:
       raise ValueError(f"{self.kind}: trie_level needs trie (e.g. trie:trie_level={self.trie_level})")
     if self.trie_min_count < 0:
@@ -199,13 +208,29 @@ class Strategy:
                                       or self.knn_gate[0] > self.knn_gate[1]):
       raise ValueError(f"{self.name}: knn_gate must be LO/HI with finite LO <= HI, got {self.knn_gate}")
 
+  def _check_add_neighbors(self) -> None:
+    k = self.add_neighbors
+    if self.kind == "greedy" and self.rule != "logprob" and not k:
+      raise ValueError(f"{self.name}: greedy takes a selection rule only with add_neighbors (a union pool)")
+    if isinstance(k, bool) or int(k) != k or k < 0:
+      raise ValueError(f"{self.name}: add_neighbors must be an integer >= 1, got {k!r}")
+    if not k:
+      return
+    if self.kind not in ("greedy", "beam", "sample"):
+      raise ValueError(f"{self.name}: add_neighbors (union pool) applies to greedy, beam and sample only; "
+                       f"a {self.kind} strategy does not decode")
+    if self.knn_lm and self.trie_min_count:
+      raise ValueError(f"{self.name}: add_neighbors with both knn_lambda and a trie is not supported (the "
+                       "trie renormalizes the mixture per step, so the neighbours' paths have no closed-form "
+                       "score)")
+
   def trie_positions(self, spec: s2.TokenSpec) -> int:
     """How many leading token positions the trie constrains."""
     level = self.trie_level or spec.level
     return 1 + level // spec.group_size
 
 
-_POSITIONAL = {"greedy": (), "beam": ("beam_size", "rule"), "sample": ("num_samples", "temperature", "rule"),
+_POSITIONAL = {"greedy": ("rule",), "beam": ("beam_size", "rule"), "sample": ("num_samples", "temperature", "rule"),
                "gallery": ("num_samples", "rule"), "knn": ("num_samples", "rule")}
 def _gate(text: str) -> tuple[float, float]:
   lo, slash, hi = text.partition("/")
@@ -215,7 +240,8 @@ def _gate(text: str) -> tuple[float, float]:
 
 
 _KEYWORDS = {"top_k": int, "top_p": float, "temperature": float, "trie": int, "trie_level": int,
-             "rule": str, "knn_lambda": float, "knn_tau": float, "knn_k": int, "knn_gate": _gate}
+             "rule": str, "knn_lambda": float, "knn_tau": float, "knn_k": int, "knn_gate": _gate,
+             "add_neighbors": int}
 _FIELD_TYPES = {"beam_size": int, "num_samples": int, "temperature": float, "rule": str}
 
 
@@ -252,12 +278,19 @@ def parse_strategy(text: str) -> Strategy:
     raise ValueError(f"bad strategy {text!r}: beam needs a width, e.g. beam:5")
   if kind != "sample" and ("top_k" in fields or "top_p" in fields):
     raise ValueError(f"bad strategy {text!r}: top_k / top_p apply to sampling only")
-  if kind == "greedy" and ("temperature" in fields or "rule" in fields):
-    raise ValueError(f"bad strategy {text!r}: greedy takes no temperature or rule")
+  if kind == "greedy" and ("temperature" in fields or ("rule" in fields and "add_neighbors" not in fields)):
+    raise ValueError(f"bad strategy {text!r}: greedy takes no temperature, and a rule only with add_neighbors "
+                     "(a union pool)")
   knn_fields = [f for f in _KNN_LM_FIELDS if f in fields]
   if knn_fields and kind not in ("greedy", "beam", "sample"):
     raise ValueError(f"bad strategy {text!r}: {', '.join(knn_fields)} (kNN-LM) apply to greedy, beam and "
                      "sample only")
+  if "add_neighbors" in fields:
+    if kind not in ("greedy", "beam", "sample"):
+      raise ValueError(f"bad strategy {text!r}: add_neighbors (union pool) applies to greedy, beam and sample "
+                       "only")
+    if fields["add_neighbors"] < 1:
+      raise ValueError(f"bad strategy {text!r}: add_neighbors must be an integer >= 1")
   return Strategy(kind=kind, **fields)
 
 
@@ -320,6 +353,9 @@ def decode_pool(model, memory: jax.Array, strategy: Strategy, keys: jax.Array,
   [B, K, P], neighbor_scores [B, K] and, if present, neighbor_valid [B, K]) and decodes the
   mixture with the neighbours (geotoken_jax.decoding.knn_lm); its log_prob is log p(y) of
   the mixture.  knn_lambda=0 decodes the model alone (the neighbours are not read).
+
+  A union pool (add_neighbors=K) appends the first K neighbours' token paths, scored under the
+  pool's own distribution by one teacher-forced pass: N + K entries (union_pool).
   """
   batch = memory.shape[0]
   positions = model.num_positions
@@ -349,8 +385,99 @@ def decode_pool(model, memory: jax.Array, strategy: Strategy, keys: jax.Array,
         constraint=constraint)
     valid = jnp.ones(log_prob.shape, jnp.bool_)
   latlng = jax_ops.tokens_to_latlng(tokens.reshape(-1, positions), model.spec)
-  return {"tokens": tokens, "log_prob": log_prob, "latlng": latlng.reshape(tokens.shape[:2] + (2,)),
+  pool = {"tokens": tokens, "log_prob": log_prob, "latlng": latlng.reshape(tokens.shape[:2] + (2,)),
           "valid": valid}
+  if strategy.add_neighbors:
+    pool = union_pool(model, memory, strategy, pool, constraint, neighbors)
+  return pool
+
+
+def path_log_prob(model, memory: jax.Array, paths: jax.Array, constraint: CellTrie | None = None
+                  ) -> tuple[jax.Array, jax.Array]:
+  """The decoder's untempered log p_dec(path) of given token paths, in ONE teacher-forced
+  batched pass: memory [B, S, D] (repeated per path), paths [B, M, P] int ->
+  (log_prob [B, M] float32, allowed [B, M] bool).  log_prob is the sum over positions of
+  log_softmax(logits) at the path's token, under the trie's renormalized distribution when
+  there is one (the distribution greedy, beam at temperature 1 and sampling score with);
+  allowed is False where some token is masked (outside the position's vocabulary or the
+  trie), and such a path's log_prob is meaningless (about MASKED_LOGIT)."""
+  batch, m, positions = paths.shape
+  flat = jnp.asarray(paths, jnp.int32).reshape(batch * m, positions)
+  logits = model.decode(jnp.repeat(memory, m, axis=0), flat, deterministic=True).astype(jnp.float32)
+  if constraint is not None:
+    node = constraint.initial_state(batch * m)
+    masked = []
+    for t in range(positions):
+      masked.append(constraint.mask_logits(logits[:, t], node, t))
+      node = constraint.advance(node, flat[:, t], t)
+    logits = jnp.stack(masked, axis=1)
+  picked = jnp.take_along_axis(logits, flat[:, :, None], axis=-1)[..., 0]  # [R, P]
+  log_probs = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), flat[:, :, None], axis=-1)[..., 0]
+  return (jnp.sum(log_probs, axis=-1).reshape(batch, m),
+          jnp.all(picked > ALLOWED_LOGIT, axis=-1).reshape(batch, m))
+
+
+def union_pool(model, memory: jax.Array, strategy: Strategy, pool: Mapping[str, jax.Array],
+               constraint: CellTrie | None, neighbors: Mapping[str, jax.Array] | None) -> dict[str, jax.Array]:
+  """The decoded pool [B, N] plus the paths of the batch's first K = strategy.add_neighbors
+  neighbours: tokens [B, N+K, P], log_prob [B, N+K], latlng [B, N+K, 2], valid [B, N+K]; the
+  decoded candidates come first, in their order.
+
+  Scores: every entry's log_prob is the log-probability of ONE distribution, the one the pool
+  was drawn from, untempered and unfiltered: the decoder's p_dec (under the trie's
+  renormalized distribution when there is one), or with knn_lambda the sequence mixture
+  lambda p_kNN + (1 - lambda) p_dec (knn_lm.sequence_log_prob, the same neighbours, weights
+  and gate as decoding).  Greedy and sampling pools already score so (sampling's log_prob is
+  at temperature 1, before top-k / top-p), and so does beam search at temperature 1.  Beam
+  search at temperature T != 1 ranks by log-softmax(logits / T); its beams are then rescored
+  here untempered, in the same teacher-forced pass as the neighbours, so the union's scores
+  are comparable (the beams' order is kept).  The neighbours' paths are scored by
+  path_log_prob (one teacher-forced pass over B x K rows, or B x (N + K) when rescoring).
+
+  latlng of a neighbour entry: the cell centre of its token path (as for decoded
+  candidates), not the neighbour's own neighbor_latlng.
+
+  Validity and duplicates: a neighbour entry is valid only if the neighbour is
+  (neighbor_valid), its path has probability > 0 under the pool's distribution (every token
+  allowed by the vocabulary and the trie; with lambda = 1, on a mixture neighbour's path), and
+  its path is neither a valid decoded candidate nor an earlier valid neighbour entry.  So a
+  path is never counted twice because it was both decoded and retrieved: vote, wvote and
+  medoid (which count every valid entry, as sampling duplicates express frequency) see each
+  retrieved path once, or only through its decoded copies; logprob, mean and the candidates
+  merge identical sequences anyway.  The selection rules ignore invalid entries."""
+  k = int(strategy.add_neighbors)
+  check_neighbors(neighbors, strategy.name)
+  available = neighbors["neighbor_tokens"].shape[1]
+  if k > available:
+    raise ValueError(f"{strategy.name}: add_neighbors={k} asks for more neighbours than the batch carries "
+                     f"({available}: retrieval.k)")
+  spec = model.spec
+  limits = jnp.asarray(spec.vocab_sizes, jnp.int32) - 1
+  paths = jnp.clip(jnp.asarray(neighbors["neighbor_tokens"][:, :k], jnp.int32), 0, limits)  # [B, K, P]
+  nb_valid = (jnp.asarray(neighbors["neighbor_valid"][:, :k], jnp.bool_) if "neighbor_valid" in neighbors
+              else jnp.ones(paths.shape[:2], jnp.bool_))
+  tokens, log_prob, valid = pool["tokens"], pool["log_prob"], pool["valid"]
+  n = tokens.shape[1]
+  rescore = strategy.kind == "beam" and strategy.temperature != 1.0
+  scored = jnp.concatenate([jnp.clip(tokens, 0, limits), paths], axis=1) if rescore else paths
+  log_dec, allowed = path_log_prob(model, memory, scored, constraint)
+  if strategy.knn_lm and strategy.knn_lambda > 0:
+    log_mix = sequence_log_prob(scored, log_dec, neighbors, lam=strategy.knn_lambda, tau=strategy.knn_tau,
+                                k=strategy.knn_k, gate=strategy.knn_gate, what=strategy.name)
+  else:
+    log_mix = log_dec
+  if rescore:
+    log_prob = jnp.where(valid, log_mix[:, :n], log_prob)
+    log_mix, allowed = log_mix[:, n:], allowed[:, n:]
+  decoded = jnp.any(jnp.all(paths[:, :, None, :] == tokens[:, None, :, :], axis=-1) & valid[:, None, :],
+                    axis=-1)  # [B, K]: the path is a valid decoded candidate
+  usable = nb_valid & allowed & (log_mix > -jnp.inf) & ~decoded
+  usable = first_occurrence(paths, usable)
+  latlng = jax_ops.tokens_to_latlng(paths.reshape(-1, spec.num_positions), spec).reshape(paths.shape[:2] + (2,))
+  return {"tokens": jnp.concatenate([tokens, paths], axis=1),
+          "log_prob": jnp.concatenate([log_prob, jnp.where(usable, log_mix, -1e30)], axis=1),
+          "latlng": jnp.concatenate([pool["latlng"], latlng.astype(pool["latlng"].dtype)], axis=1),
+          "valid": jnp.concatenate([valid, usable], axis=1)}
 
 
 def needs_alignment(strategy: Strategy) -> bool:
@@ -359,9 +486,9 @@ def needs_alignment(strategy: Strategy) -> bool:
 
 
 def needs_neighbors(strategy: Strategy) -> bool:
-  """Does the strategy read the retrieved neighbours of the batch (knn:K, or kNN-LM decoding:
-  knn_lambda set)?"""
-  return strategy.kind == "knn" or strategy.knn_lm
+  """Does the strategy read the retrieved neighbours of the batch (knn:K, kNN-LM decoding:
+  knn_lambda set, or a union pool: add_neighbors set)?"""
+  return strategy.kind == "knn" or strategy.knn_lm or bool(strategy.add_neighbors)
 
 
 def knn_pool(batch: Mapping[str, jax.Array], k: int, temperature: float) -> dict[str, jax.Array]:

@@ -56,8 +56,9 @@ def oracle_name(strategy: Strategy) -> str:
 
 def has_oracle(strategy: Strategy) -> bool:
   """Does the strategy's pool get a best-of-pool oracle?  Not a pool of one (greedy, knn:1,
-  gallery:1): its oracle would be the strategy itself."""
-  return strategy.pool_size > 1
+  gallery:1): its oracle would be the strategy itself.  A union pool (add_neighbors=K) has
+  pool_size + K entries."""
+  return strategy.pool_size + strategy.add_neighbors > 1
 
 
 def oracle_choice(pool: Mapping[str, jax.Array], truth: jax.Array, num_candidates: int) -> dict[str, jax.Array]:
@@ -96,9 +97,11 @@ class Predictor:
   Output per strategy name: predicted [B, 2], chosen [B], candidate_tokens [B, k, P],
   candidate_latlng [B, k, 2], candidate_prob [B, k] (0 for empty slots).
 
-  kNN-LM strategies (knn_lambda set) read the batch's neighbor_tokens, neighbor_scores
-  (and neighbor_valid if present); a batch without them is refused with the missing keys
-  named.  With `oracles=True` the batch must hold the true `latlng` [B, 2], and every pool
+  kNN-LM strategies (knn_lambda set) and union pools (add_neighbors=K: the decoded pool plus
+  the first K neighbours' paths, scored by a teacher-forced pass, strategies.union_pool) read
+  the batch's neighbor_tokens, neighbor_scores (and neighbor_valid if present); a batch without
+  them is refused with the missing keys named.  A union pool goes through the same rules and
+  oracle as any pool.  With `oracles=True` the batch must hold the true `latlng` [B, 2], and every pool
   group also gets an entry `oracle_name(pool)` (e.g. "oracle:sample:30:0.7", "oracle:knn:10")
   with the same fields: predicted = the valid pool entry nearest to the truth (label-aware:
   an upper bound for the selection rules, not a prediction), candidates as the logprob rule's.
@@ -250,7 +253,7 @@ class Predictor:
     aligner_params = self.aligner.params if self.aligner is not None else None
     if any(s.kind == "gallery" for s in self.strategies) and self._gallery_arrays is None:
       raise ValueError("the gallery has no location features: call refresh_gallery(params) first")
-    mixed = [s.name for s in self.strategies if s.knn_lm]
+    mixed = [s.name for s in self.strategies if s.knn_lm or s.add_neighbors]
     if mixed:
       knn_lm.check_neighbors(device_batch, ", ".join(mixed))
     if self.oracles and "latlng" not in device_batch:
@@ -309,9 +312,7 @@ def predict_batches(predictor: Predictor, source, *, global_batch_size: int, sta
   batches = iter(data.eval_batches(source, batch_size=batch_size, process_index=process_index,
                                    process_count=process_count, start_batch=start_batch))
   for number in range(start_batch, num_batches):
-    local = next(batches)
-    rows = (number * process_count + process_index) * batch_size + np.arange(batch_size)
-    local["index"] = rows.astype(np.int32)
+    local = next(batches)  # its "index": the rows' numbers in the source
     if transform is not None:  # e.g. OnlineRetrieval: neighbours found now (every process in step)
       local = transform(local)
     device_batch = sharding.make_global_batch(runtime.device_fields(local), predictor.mesh)
