@@ -248,7 +248,9 @@ def real_neighbors(batch, k, seed, valid=None):
           "neighbor_valid": np.ones((batch, k), bool) if valid is None else valid}
 
 
-def decode_pools(names, inputs, nb, trie=None):
+def decode_pools(names, inputs, nb, trie=None, also=None):
+  """{name: pool} of the small real model on `inputs`; with `also(model, memory)`, (pools, its
+  result), computed in the same jitted program."""
   graphdef, state, _, _ = restored()
   keys = strategies.image_keys(7, jnp.arange(inputs.shape[0]))
 
@@ -256,8 +258,9 @@ def decode_pools(names, inputs, nb, trie=None):
   def fn(state, inputs, nb, keys, trie):
     model = nnx.merge(graphdef, state)
     memory = model.encode({"image": inputs})
-    return {name: strategies.decode_pool(model, memory, strategies.parse_strategy(name).check(SPEC), keys, trie,
-                                         nb) for name in names}
+    pools = {name: strategies.decode_pool(model, memory, strategies.parse_strategy(name).check(SPEC), keys, trie,
+                                          nb) for name in names}
+    return pools if also is None else (pools, also(model, memory))
 
   return jax.tree.map(np.asarray, fn(state, inputs, nb, keys, trie))
 

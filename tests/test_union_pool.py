@@ -11,7 +11,7 @@ from flax import nnx
 
 from geotoken_jax import decoding, inference, sharding
 from geotoken_jax.decoding import knn_lm, strategies
-from test_knn_lm import (ALL_SEQUENCES, PATHS, SCORES, SPEC, TOY_SEQUENCES, VALID, images, knn_probs,  # pylint: disable=wrong-import-order
+from test_knn_lm import (ALL_SEQUENCES, PATHS, SCORES, SPEC, TOY_SEQUENCES, VALID, decode_pools, images, knn_probs,  # pylint: disable=wrong-import-order
                          neighbors, real_neighbors, restored, teacher_forced, toy_decoder_log_probs, toy_table)
 
 P = SPEC.num_positions
@@ -87,19 +87,12 @@ def test_teacher_forced_equals_kv_cached_steps(with_trie):
 
 
 def decode(names, inputs, nb, trie=None):
-  graphdef, state, _, _ = restored()
-  keys = strategies.image_keys(7, jnp.arange(inputs.shape[0]))
+  """The pools and log p_dec of all 96 sequences [B, 96] (the step-by-step oracle), in one program."""
+  def all_sequences(model, memory):
+    every = jnp.broadcast_to(jnp.asarray(ALL_SEQUENCES), (memory.shape[0],) + ALL_SEQUENCES.shape)
+    return stepwise_log_prob(model, memory, every)
 
-  @jax.jit
-  def fn(state, inputs, nb, keys, trie):
-    model = nnx.merge(graphdef, state)
-    memory = model.encode({"image": inputs})
-    pools = {name: strategies.decode_pool(model, memory, strategies.parse_strategy(name).check(SPEC), keys, trie,
-                                          nb) for name in names}
-    every = jnp.broadcast_to(jnp.asarray(ALL_SEQUENCES), (inputs.shape[0],) + ALL_SEQUENCES.shape)
-    return pools, stepwise_log_prob(model, memory, every)  # log p_dec of all 96 sequences
-
-  return jax.tree.map(np.asarray, fn(state, inputs, nb, keys, trie))
+  return decode_pools(names, inputs, nb, trie, also=all_sequences)
 
 
 def index_of(path):
