@@ -156,8 +156,12 @@ def report_by_score(config, workdir, output_dirs: dict, chosen: str) -> dict:
       distances[label] = np.asarray([r["error_km"] for r in rows], np.float64)
     lists = neighbors.open_neighbors(sources.neighbors_dir(config, workdir, split))
     top = np.asarray(lists.scores[:, 0], np.float64)
-    if not distances or any(d.shape != top.shape for d in distances.values()) or top.size < 5:
-      _log(f"report: {split} skipped (predictions and lists of different lengths)")
+    if not distances:
+      _log(f"report: {split} skipped (no predictions of {', '.join(methods.values())} in {output_dir})")
+      continue
+    if any(d.shape != top.shape for d in distances.values()) or top.size < 5:
+      _log(f"report: {split} skipped ({top.size} listed queries against "
+           f"{sorted({d.size for d in distances.values()})} predictions; at least 5 needed)")
       continue
     top = np.where(np.isfinite(top), top, -1.0)  # a query without any neighbour: the lowest bucket
     out[split] = {}
@@ -268,7 +272,6 @@ def run_recipe(config: ml_collections.ConfigDict, workdir) -> dict:
         config, workdir, split=split, make_plots=False))
     by_split[split] = evaluation["results"]
     output_dirs[split] = evaluation["output_dir"]
-    # Oracle rows (evaluate.oracles: label-using upper bounds) are no method of the model: unprefixed.
     rows.update({f"{_row_label(config, name)}{suffix}": row for name, row in evaluation["results"].items()})
     if baseline:
       _log(f"evaluate {split}: baseline {baseline}")

@@ -52,13 +52,13 @@ class ConfigMismatchError(ValueError):
 # Config checks (before any compilation).
 
 
-
 def _strategies_read_neighbors(config) -> bool:
   """Do the run's validation or evaluation strategies read retrieved neighbours (knn:K, kNN-LM)?"""
   spec = inference.token_spec(config)
   texts = [validation_strategy(config), str(config.get("evaluate", {}).get("strategies", ""))]
   return any(strategies.needs_neighbors(s) for text in texts if text.strip()
              for s in strategies.parse_strategies(text, spec))
+
 
 def check_config(config: ml_collections.ConfigDict, mesh) -> None:
   """Fails fast, naming the field, on settings the run cannot honour."""
@@ -416,17 +416,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
   gallery, eval_sources = None, {}
   if retrieval_sources.enabled(config):
     eval_splits = tuple(dict.fromkeys(("validation", str(config.test_split))))
-    reads = retrieval_sources.model_reads_neighbors(config)
-    retrieval_sources.check_inputs(config, workdir, ("train", *eval_splits) if reads else eval_splits)
+    needs_train_lists = retrieval_sources.model_reads_neighbors(config)
+    retrieval_sources.check_inputs(config, workdir, ("train", *eval_splits) if needs_train_lists else eval_splits)
     gallery = retrieval_sources.load_neighbor_gallery(config, workdir, spec)
     retrieval_sources.check_model(config, gallery, strategies_read_neighbors=_strategies_read_neighbors(config))
     eval_sources = {split: retrieval_sources.get_source(config, workdir, split, spec, gallery=gallery)
                     for split in eval_splits}
-  if gallery is None or retrieval_sources.model_reads_neighbors(config):
-    train_source = retrieval_sources.get_source(config, workdir, "train", spec, seed=config.seed, gallery=gallery)
-  else:  # the neighbours serve only the evaluation strategies (knn:K, kNN-LM)
-    train_source = data.get_source(config.data, "train", spec, seed=config.seed,
-                                   resize=data.image_resize_mode(config))
+  train_source = retrieval_sources.get_source(config, workdir, "train", spec, seed=config.seed, gallery=gallery,
+                                              to_train=True)
   steps_per_epoch = max(len(train_source) // config.batch_size, 1)
   total_steps = config.num_steps or config.num_epochs * steps_per_epoch
   train_iter = data.train_iterator(train_source, global_batch_size=config.batch_size, seed=config.seed,

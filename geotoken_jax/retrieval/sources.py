@@ -211,10 +211,13 @@ def wrap_source(config, workdir, split: str, source, spec: s2.TokenSpec, *,
                               features=reads_features(config), settings=neighbors.settings_from_config(r))
 
 
-def get_source(config, workdir, split: str, spec: s2.TokenSpec, *, seed: int = 0, gallery=None):
-  """data.get_source(config.data, split), with neighbours attached when the config retrieves."""
+def get_source(config, workdir, split: str, spec: s2.TokenSpec, *, seed: int = 0, gallery=None,
+               to_train: bool = False):
+  """data.get_source(config.data, split), with neighbours attached when the config retrieves;
+  `to_train` (the trainer's training records): only when the model reads them, since neighbours
+  that serve the evaluation strategies alone (knn:K, kNN-LM) have no lists for the gallery."""
   source = data.get_source(config.data, split, spec, seed=seed, resize=data.image_resize_mode(config))
-  if not enabled(config):
+  if not enabled(config) or (to_train and not model_reads_neighbors(config)):
     return source
   keep_image = str(config.model.get("encoder", "")) != "features"
   return wrap_source(config, workdir, split, source, spec, gallery=gallery, training=split == "train",
