@@ -171,17 +171,19 @@ def check_neighbors(neighbors: Mapping[str, jax.Array] | None, what: str) -> Non
                      "batch) or attach neighbours with online retrieval")
 
 
-def first_neighbors(neighbors: Mapping[str, jax.Array] | None, k: int = 0, what: str = "kNN-LM"
-                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+def first_neighbors(neighbors: Mapping[str, jax.Array] | None, k: int = 0, what: str = "kNN-LM",
+                    field: str = "knn_k") -> tuple[jax.Array, jax.Array, jax.Array]:
   """(neighbor_tokens [B, k, P] int32, neighbor_scores [B, k], neighbor_valid [B, k] bool) of the
-  first k (0 = all) of the batch's neighbours; valid defaults to all True."""
+  first k (0 = all) of the batch's neighbours; valid defaults to all True.  `field`: the strategy
+  field that asked for k (named when the batch carries fewer)."""
   check_neighbors(neighbors, what)
   tokens, scores = neighbors["neighbor_tokens"], neighbors["neighbor_scores"]
   valid = neighbors.get("neighbor_valid")
   available = tokens.shape[1]
   if k:
     if k > available:
-      raise ValueError(f"{what}: knn_k={k} asks for more neighbours than the batch carries ({available})")
+      raise ValueError(f"{what}: {field}={k} asks for more neighbours than the batch carries ({available}: "
+                       "retrieval.k)")
     tokens, scores = tokens[:, :k], scores[:, :k]
     valid = None if valid is None else valid[:, :k]
   valid = jnp.ones(scores.shape, jnp.bool_) if valid is None else jnp.asarray(valid, jnp.bool_)

@@ -71,7 +71,7 @@ from geotoken_jax.decoding.beam import beam_search, check_beam_size
 from geotoken_jax.decoding.constraints import CellTrie
 from geotoken_jax.decoding.greedy import greedy_decode
 from geotoken_jax.decoding.constraints import ALLOWED_LOGIT
-from geotoken_jax.decoding.knn_lm import check_neighbors, mix_neighbors, sequence_log_prob
+from geotoken_jax.decoding.knn_lm import check_neighbors, first_neighbors, mix_neighbors, sequence_log_prob
 from geotoken_jax.decoding.sampling import check_sampling, sample_sequences
 from geotoken_jax.decoding.selection import SCORE_RULES, SELECTION_RULES, first_occurrence, select, top_candidates
 from geotoken_jax.s2 import jax_ops
@@ -445,17 +445,11 @@ def union_pool(model, memory: jax.Array, strategy: Strategy, pool: Mapping[str, 
   medoid (which count every valid entry, as sampling duplicates express frequency) see each
   retrieved path once, or only through its decoded copies; logprob, mean and the candidates
   merge identical sequences anyway.  The selection rules ignore invalid entries."""
-  k = int(strategy.add_neighbors)
-  check_neighbors(neighbors, strategy.name)
-  available = neighbors["neighbor_tokens"].shape[1]
-  if k > available:
-    raise ValueError(f"{strategy.name}: add_neighbors={k} asks for more neighbours than the batch carries "
-                     f"({available}: retrieval.k)")
+  paths, _, nb_valid = first_neighbors(neighbors, int(strategy.add_neighbors), strategy.name,
+                                       field="add_neighbors")
   spec = model.spec
   limits = jnp.asarray(spec.vocab_sizes, jnp.int32) - 1
-  paths = jnp.clip(jnp.asarray(neighbors["neighbor_tokens"][:, :k], jnp.int32), 0, limits)  # [B, K, P]
-  nb_valid = (jnp.asarray(neighbors["neighbor_valid"][:, :k], jnp.bool_) if "neighbor_valid" in neighbors
-              else jnp.ones(paths.shape[:2], jnp.bool_))
+  paths = jnp.clip(paths, 0, limits)  # [B, K, P]
   tokens, log_prob, valid = pool["tokens"], pool["log_prob"], pool["valid"]
   n = tokens.shape[1]
   rescore = strategy.kind == "beam" and strategy.temperature != 1.0
