@@ -54,6 +54,19 @@ def oracle_name(strategy: Strategy) -> str:
   return ORACLE_PREFIX + ":".join(parts)
 
 
+def _output(pool: Mapping[str, jax.Array], chosen: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+  """A strategy's (or an oracle's) output from its pool and its choice: the prediction and the
+  top-k candidates' tokens, locations and probabilities."""
+  index = jnp.maximum(chosen["candidates"], 0)  # [batch, k]; -1 slots have probability 0
+  return {
+      "predicted": chosen["predicted"],  # [batch, 2]
+      "chosen": chosen["chosen"],  # [batch]
+      "candidate_tokens": jnp.take_along_axis(pool["tokens"], index[:, :, None], axis=1),
+      "candidate_latlng": jnp.take_along_axis(pool["latlng"], index[:, :, None], axis=1),
+      "candidate_prob": chosen["candidate_prob"],  # [batch, k]
+  }
+
+
 def has_oracle(strategy: Strategy) -> bool:
   """Does the strategy's pool get a best-of-pool oracle?  Not a pool of one (greedy, knn:1,
   gallery:1): its oracle would be the strategy itself.  A union pool (add_neighbors=K) has
@@ -181,24 +194,9 @@ class Predictor:
             pool["similarity"] = scale * jnp.einsum("be,bne->bn", models.align.normalize(query),
                                                     models.align.normalize(located))  # [batch, N]
         for member in group.members:
-          chosen = strategies.choose(pool, member.rule, k, fused_weight)
-          index = jnp.maximum(chosen["candidates"], 0)  # [batch, k]; -1 slots have probability 0
-          out[member.name] = {
-              "predicted": chosen["predicted"],  # [batch, 2]
-              "chosen": chosen["chosen"],  # [batch]
-              "candidate_tokens": jnp.take_along_axis(pool["tokens"], index[:, :, None], axis=1),
-              "candidate_latlng": jnp.take_along_axis(pool["latlng"], index[:, :, None], axis=1),
-              "candidate_prob": chosen["candidate_prob"],  # [batch, k]
-          }
+          out[member.name] = _output(pool, strategies.choose(pool, member.rule, k, fused_weight))
         if with_oracles and has_oracle(group.pool):  # label-aware: the pool's entry nearest to the truth
-          chosen = oracle_choice(pool, batch["latlng"], k)
-          index = jnp.maximum(chosen["candidates"], 0)
-          out[oracle_name(group.pool)] = {
-              "predicted": chosen["predicted"], "chosen": chosen["chosen"],
-              "candidate_tokens": jnp.take_along_axis(pool["tokens"], index[:, :, None], axis=1),
-              "candidate_latlng": jnp.take_along_axis(pool["latlng"], index[:, :, None], axis=1),
-              "candidate_prob": chosen["candidate_prob"],
-          }
+          out[oracle_name(group.pool)] = _output(pool, oracle_choice(pool, batch["latlng"], k))
       return out
 
     batch_sharding = sharding.batch_sharding(mesh)
