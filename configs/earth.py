@@ -219,8 +219,11 @@ FUSION_GRID = tuple(f"greedy:knn_lambda={lam:g}:knn_tau={tau:g}" for lam in (0.3
     "greedy:knn_lambda=0.7:knn_tau=0.02:knn_gate=0.5/0.8",
     "greedy:knn_lambda=0.9:knn_tau=0.02:knn_gate=0.6/0.9",
     "greedy:knn_lambda=0.9:knn_tau=0.02:knn_gate=0.7/0.95",
-    "sample:30:0.7:medoid:knn_lambda=0.5:knn_tau=0.02",
+    "sample:30:0.7:medoid:knn_lambda=0.5:knn_tau=0.02:add_neighbors=10",
+    "sample:30:0.7:rerank:knn_lambda=0.5:knn_tau=0.02:add_neighbors=10",
 )
+# The union pool the fusion variant's reranker scores: 30 kNN-LM samples + the 10 neighbours' paths.
+FUSION_RERANK_POOL = "sample:30:0.7:knn_lambda=0.5:knn_tau=0.02:add_neighbors=10"
 
 
 def _fusion(config: ml_collections.ConfigDict, smoke: bool) -> None:
@@ -231,14 +234,21 @@ def _fusion(config: ml_collections.ConfigDict, smoke: bool) -> None:
 
   Two regimes: the cell-blocked test split (whole level-6 cells never trained on) and an
   interleaved one, "train:holdout": 2 % of the training split's level-13 cells (~1 km), removed
-  from training and from the gallery (data.splits maps train to train:rest).  Neighbour lists at
+  from training and from the gallery (data.splits maps train to train:rest).  Another 2 % of
+  the level-13 cells, "train:fit", is removed the same way: with the cell-blocked validation
+  split, where the learned reranker (rule rerank, geotoken_jax.reranking) of the union pool
+  FUSION_RERANK_POOL is fitted, its validation row out-of-fold (2 folds of level-6 cells).  Neighbour lists at
   test time use no label (the index job's test regime: same id only).  lambda and tau are chosen
   on the validation split (cell-blocked, like test) among FUSION_GRID by the mean of acc@25, 200,
   750 and 2500 km (recipe.choose_among): the table's "chosen on validation" rows."""
-  config.data.holdout = ml_collections.ConfigDict({"fraction": 0.02, "by": "cell", "cell_level": 13, "salt": 0})
+  config.data.holdout = ml_collections.ConfigDict({"fraction": 0.02, "by": "cell", "cell_level": 13, "salt": 0,
+                                                   "fit_fraction": 0.02})
   config.data.splits = ml_collections.ConfigDict({"train": "train:rest"})
-  config.recipe = _recipe_block("tiny_image:16", ("train", "validation", "test", "train:holdout"),
+  config.recipe = _recipe_block("tiny_image:16", ("train", "validation", "test", "train:holdout", "train:fit"),
                                 embed_batch_size=512, eval_splits=("validation", "test", "train:holdout"))
+  config.reranker = ml_collections.ConfigDict({"pool": FUSION_RERANK_POOL, "fit_splits": ("validation", "train:fit"),
+                                               "directory": "reranker"})
+  config.evaluate.reranker_workdir = "reranker"
   k = 10
   config.retrieval = _retrieval_block(("tiny",), k=k, dropout=0.0)
   config.recipe.choose_among = FUSION_GRID
@@ -248,7 +258,10 @@ def _fusion(config: ml_collections.ConfigDict, smoke: bool) -> None:
   if smoke:  # seconds: 2,000 training rows, 64 per evaluation split
     config.data.train_limit = 2000
     config.data.eval_limit = 64
-    config.data.holdout.fraction = 0.2
+    config.data.holdout.update(fraction=0.2, fit_fraction=0.2)
     config.retrieval.update(chunk_rows=512, query_batch=256, block_rows=1024)
-    config.recipe.choose_among = FUSION_GRID[:2] + FUSION_GRID[-3:-2]
+    config.reranker.update(pool="sample:4:0.7:knn_lambda=0.5:knn_tau=0.02:add_neighbors=10", steps=30, batch_size=32,
+                           hidden=(16,))
+    config.recipe.choose_among = FUSION_GRID[:2] + ("greedy:knn_lambda=0.9:knn_tau=0.02:knn_gate=0.7/0.95",
+                                                    "sample:4:0.7:rerank:knn_lambda=0.5:knn_tau=0.02:add_neighbors=10")
     config.evaluate.update(strategies=",".join(["greedy", "beam:3", "knn:1", *config.recipe.choose_among]))

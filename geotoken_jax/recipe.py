@@ -20,12 +20,17 @@ prediction files), all under one workdir W:
                excluded) into W/<retrieval.neighbors>/<split>/; lists searched in
                other stores or with other settings than the config's are rebuilt
   4. train     the retrieval-augmented GeoToken (config itself) in W
+  4b. rerank   with a `reranker` block: a learned reranker of its union pools fitted on
+               reranker.fit_splits (geotoken_jax.reranking: cross-fitted out-of-fold figures
+               on those splits, the saved reranker fitted on all of them) in W/reranker;
+               evaluate.reranker_workdir names it for rule rerank
   5. evaluate  its strategies and the kNN rows on the test split (or every split
                of recipe.eval_splits); with recipe.baseline_workdir, that run's rows
                beside them in one table.  With recipe.choose_among (strategy strings)
                and recipe.choose_on (an evaluated split), the strategy with the best
                mean of acc@25/200/750/2500 km there is named before the table is read
-               (choose_strategy) and its rows on the other splits head the table;
+               (choose_strategy; a reranker's rows on its fit splits are its out-of-fold
+               figures) and its rows on the other splits head the table;
                W/reports/ then holds accuracy by top-neighbour-score bucket
                (report_by_score)
 
@@ -45,7 +50,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from geotoken_jax import data, embeddings, inference, metrics, plots, trainer
+from geotoken_jax import data, embeddings, inference, metrics, plots, reranking, trainer
 from geotoken_jax.decoding import strategies
 from geotoken_jax.retrieval import neighbors, sources
 
@@ -138,15 +143,21 @@ def choose_strategy(recipe, by_split: dict) -> tuple[str, str, dict] | None:
   return best, choose_on, scores
 
 
-def report_by_score(config, workdir, output_dirs: dict, chosen: str) -> dict:
+def report_by_score(config, workdir, output_dirs: dict, chosen: str, in_sample: tuple[str, ...] = ()) -> dict:
   """acc@25 and acc@200 km of the decoder (greedy), kNN (knn:1) and the chosen fusion, by bucket
   of the top neighbour's similarity, per evaluated split: W/reports/accuracy_by_score.json and a
-  PNG per split and threshold (where retrieval is trusted, and where the decoder must speak)."""
+  PNG per split and threshold (where retrieval is trusted, and where the decoder must speak).
+  On the splits in `in_sample` (a reranker's fit splits, when it is the chosen strategy) the
+  chosen row is left out: its prediction files there are in-sample."""
   reports = epath.Path(workdir) / "reports"
   reports.mkdir(parents=True, exist_ok=True)
   out = {}
   for split, output_dir in output_dirs.items():
-    methods = {"GeoToken greedy": "greedy", "kNN knn:1": "knn:1", f"chosen: {chosen}": chosen}
+    methods = {"GeoToken greedy": "greedy", "kNN knn:1": "knn:1"}
+    if split not in in_sample:
+      methods[f"chosen: {chosen}"] = chosen
+    else:
+      _log(f"report: {split} without the chosen {chosen} (fitted on {split}: its predictions there are in-sample)")
     distances = {}
     for label, name in methods.items():
       path = epath.Path(output_dir) / "predictions" / (inference.file_name(name) + ".jsonl")
@@ -261,6 +272,16 @@ def run_recipe(config: ml_collections.ConfigDict, workdir) -> dict:
     if out.get("preempted"):
       return out
 
+  # 4b. The reranker of the decoder's union pools, fitted where the test regime holds.
+  out_of_fold = {}
+  if config.get("reranker") is not None:
+    _log(f"rerank: {reranking.rerank_strategy(config)} fitted on {', '.join(config.reranker.fit_splits)}")
+    summary = _timed(timings, "rerank", lambda: reranking.fit_reranker(config, workdir))
+    out_of_fold = summary["out_of_fold"]
+    _log("rerank out-of-fold: " + "; ".join(
+        f"{split} " + "/".join(f"{row[f'acc@{t:g}km']:.1f}" for t in CHOICE_THRESHOLDS_KM)
+        for split, row in out_of_fold.items()))
+
   # 5. Evaluation: every strategy of the config (decoder rows and kNN rows) on the test split.
   eval_splits = tuple(recipe.get("eval_splits", (config.test_split,)))
   baseline = str(recipe.get("baseline_workdir", ""))
@@ -270,9 +291,14 @@ def run_recipe(config: ml_collections.ConfigDict, workdir) -> dict:
     _log(f"evaluate {split}: {config.evaluate.strategies}")
     evaluation = _timed(timings, f"evaluate_{split}", lambda: inference.run_evaluation(  # noqa: B023
         config, workdir, split=split, make_plots=False))
-    by_split[split] = evaluation["results"]
+    by_split[split] = dict(evaluation["results"])
     output_dirs[split] = evaluation["output_dir"]
-    rows.update({f"{_row_label(config, name)}{suffix}": row for name, row in evaluation["results"].items()})
+    labels = {}
+    if split in out_of_fold:  # the reranker saw these rows: its honest figures are out-of-fold
+      name = reranking.rerank_strategy(config)
+      by_split[split][name] = out_of_fold[split]
+      labels[name] = f"{_row_label(config, name)} (out-of-fold)"
+    rows.update({labels.get(name, _row_label(config, name)) + suffix: row for name, row in by_split[split].items()})
     if baseline:
       _log(f"evaluate {split}: baseline {baseline}")
       base = _timed(timings, f"evaluate_baseline_{split}", lambda: inference.run_evaluation(  # noqa: B023
@@ -288,7 +314,8 @@ def run_recipe(config: ml_collections.ConfigDict, workdir) -> dict:
                by_split[split][name] for split in eval_splits if split != choose_on}, **rows}
     timings["chosen"] = {"strategy": name, "on": choose_on, "scores": scores}
     if jax.process_index() == 0:
-      report_by_score(config, workdir, output_dirs, name)
+      in_sample = tuple(out_of_fold) if name == (reranking.rerank_strategy(config) if out_of_fold else None) else ()
+      report_by_score(config, workdir, output_dirs, name, in_sample)
   table = metrics.format_table(rows)
   if jax.process_index() == 0:
     print(table, flush=True)

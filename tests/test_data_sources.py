@@ -423,6 +423,29 @@ def test_holdout_membership_is_the_rule_recomputed(world, holdout):
   assert isinstance(train, subsets.Subset) and train.rejected == 0 and train.leak_dropped == 0
 
 
+def test_fit_slice_is_the_rule_recomputed_and_leaves_the_holdout_unchanged(world):
+  holdout = {"fraction": 0.25, "by": "cell", "cell_level": 8, "salt": 7}
+  with_fit = {**holdout, "fit_fraction": 0.3}
+  written = world.written["mp16"]
+  hashed = [py_splitmix64(oracle_cell(w["lat"], w["lon"], 8) ^ 7) for w in written]
+  lo, hi = int(0.25 * 2**64), int(0.55 * 2**64)
+  expected = {"holdout": [w["id"] for w, h in zip(written, hashed) if h < lo],
+              "fit": [w["id"] for w, h in zip(written, hashed) if lo <= h < hi],
+              "rest": [w["id"] for w, h in zip(written, hashed) if h >= hi]}
+  assert all(expected.values())  # three non-empty parts: the test can tell them apart
+  for part, ids in expected.items():
+    source = data.get_source(data_config(world, holdout=with_fit, splits={"test": f"mp16:train:{part}"}),
+                             "test", SPEC)
+    assert list(source.get_batch(np.arange(len(source)))["id"]) == ids, part
+  plain = data.get_source(data_config(world, holdout=holdout, splits={"test": "mp16:train:holdout"}), "test", SPEC)
+  assert list(plain.get_batch(np.arange(len(plain)))["id"]) == expected["holdout"]  # fit_fraction moves no holdout row
+  with pytest.raises(ValueError, match="fit_fraction"):
+    data.get_source(data_config(world, holdout=holdout, splits={"test": "mp16:train:fit"}), "test", SPEC)
+  with pytest.raises(ValueError, match="fit_fraction"):
+    data.get_source(data_config(world, holdout={**holdout, "fit_fraction": 0.8}, splits={"test": "mp16:train:fit"}),
+                    "test", SPEC)
+
+
 def test_cell_holdout_keeps_cells_whole(world):
   holdout = {"fraction": 0.3, "by": "cell", "cell_level": 8, "salt": 0}
   config = data_config(world, holdout=holdout)

@@ -1,7 +1,8 @@
 """The earth fusion recipe (configs/earth.py:fusion_smoke): a decoder that reads no neighbours
 trains on the plain records (the gallery gets no lists of its own), tiny-image kNN and kNN-LM rows
 on two regimes (the cell-blocked test split and the interleaved train:holdout slice, removed from
-training and from the gallery), and the strategy chosen on validation by the recipe's rule."""
+training and from the gallery), the learned reranker fitted on validation and the train:fit slice
+(its validation row out-of-fold), and the strategy chosen on validation by the recipe's rule."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import os
 import numpy as np
 import pytest
 
-from geotoken_jax import data, embeddings, metrics, recipe, s2
+from geotoken_jax import data, embeddings, inference, metrics, recipe, reranking, s2
+from geotoken_jax.inference.reranker import restore_reranker
 from geotoken_jax.retrieval import neighbors, sources
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,17 +46,19 @@ def test_the_decoder_trains_without_lists_and_the_gallery_is_not_self_searched(f
     assert (sources.neighbors_dir(config, workdir, split) / neighbors.MANIFEST).exists(), split
 
 
-def test_the_interleaved_slice_is_out_of_training_and_out_of_the_gallery(fusion_run):
+def test_the_interleaved_slices_are_out_of_training_and_out_of_the_gallery(fusion_run):
   config, workdir, _ = fusion_run
   train = data.get_source(config.data, "train", SPEC)  # train:rest
   held = data.get_source(config.data, "train:holdout", SPEC)
-  assert len(held) > 0 and len(train) > 0
-  # Whole level-13 cells: no held-out record shares a cell with a training (gallery) record.
+  fit = data.get_source(config.data, "train:fit", SPEC)  # where the reranker is fitted
+  assert len(held) > 0 and len(train) > 0 and len(fit) > 0
+  # Whole level-13 cells: no held-out or fit record shares a cell with a training (gallery) record
+  # or with each other.
   def cells(source):
     latlng = np.asarray(source.get_batch(np.arange(len(source)))["latlng"], np.float64)
     return set(s2.latlng_to_cell_ids(latlng[:, 0], latlng[:, 1], 13).tolist())
 
-  assert not cells(train) & cells(held)
+  assert not cells(train) & cells(held) and not cells(train) & cells(fit) and not cells(fit) & cells(held)
   gallery = embeddings.open_embeddings(sources.embeddings_dir(config, workdir, "train"))
   assert gallery.num_records == len(train)
 
@@ -64,7 +68,10 @@ def test_the_chosen_row_is_the_validation_argmax_and_carries_the_test_figures(fu
   results = out["results"]
   among = list(config.recipe.choose_among)
   mean = lambda row: np.mean([row[f"acc@{t}km"] for t in (25, 200, 750, 2500)])  # noqa: E731
-  scores = [mean(results[f"GeoToken {name} (validation)"]) for name in among]
+  rerank = reranking.rerank_strategy(config)
+  assert rerank in among
+  scores = [mean(results[f"GeoToken {name}{' (out-of-fold)' if name == rerank else ''} (validation)"])
+            for name in among]
   chosen = among[int(np.argmax(scores))]  # the first of equal means
   assert out["timings"]["chosen"]["strategy"] == chosen
   for split in ("test", "train:holdout"):
@@ -116,3 +123,26 @@ def test_the_report_by_score_recounts_the_table(fusion_run):
       mean = np.dot(table[label], table["counts"]) / np.sum(table["counts"])
       assert mean == pytest.approx(out["results"][row]["acc@25km"]), (split, label)
     assert (workdir / "reports" / f"accuracy_by_score_{split.replace(':', '-')}_25km.png").exists()
+
+
+def test_the_reranker_row_is_out_of_fold_on_validation_and_the_predictor_scores_as_it_was_fitted(fusion_run):
+  config, workdir, out = fusion_run
+  name = reranking.rerank_strategy(config)
+  directory = reranking.directory(config, workdir)
+  saved = json.loads((directory / "reranker.json").read_text())
+  out_of_fold = saved["fit"]["summary"]["out_of_fold"]
+  assert set(out_of_fold) == {"validation", "train:fit"}
+  assert out["results"][f"GeoToken {name} (out-of-fold) (validation)"] == out_of_fold["validation"]
+  assert f"GeoToken {name} (validation)" not in out["results"]  # the in-sample row is never shown
+  # The evaluation's rule rerank (features and scores inside the jitted predictor) picks what the
+  # restored reranker picks from the pools it was fitted on (validation's, cached by the fit).
+  pools = dict(np.load(directory / "pools" / "validation.npz"))
+  scores = reranking.scores_of(restore_reranker(directory).model(), pools["features"])
+  index = np.argmax(np.where(pools["valid"], scores, -np.inf), axis=1)
+  expected = pools["latlng"][np.arange(len(index)), index]
+  rows = sorted(inference.read_predictions(next((workdir / "eval").glob("validation-step*")) / "predictions" /
+                                           (inference.file_name(name) + ".jsonl")), key=lambda r: r["index"])
+  assert [r["index"] for r in rows] == sorted(pools["index"].tolist())
+  order = np.argsort(pools["index"])
+  got = np.asarray([[r["pred_lat"], r["pred_lon"]] for r in rows])
+  np.testing.assert_allclose(got, expected[order], atol=1e-4)

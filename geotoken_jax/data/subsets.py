@@ -8,12 +8,18 @@ training split instead; `data.splits` addresses it as "DATASET:SPLIT:holdout"
 
   data.holdout = {"fraction": 0.01, "by": "cell", "cell_level": 8, "salt": 0}
 
+With fit_fraction > 0 a second disjoint slice, "DATASET:SPLIT:fit", is carved the same way
+(the keys hashed just above the holdout's), and "rest" is neither: a slice of held-out
+places to fit post-hoc parts on (a reranker) in the regime of the holdout, whose own rows
+then stay unseen by every stage.
+
 A row's key is its S2 cell id at `cell_level` (by="cell": whole cells go to one
 side, as in the earth benchmark, so validation measures places never trained
 on; level 8 cells are ~30-40 km across) or the sidecar's id_hash (by="id": a
 row split).  The rule, exactly:
 
   held out  <=>  splitmix64(key XOR salt) < floor(fraction * 2**64)
+  fit       <=>  floor(fraction * 2**64) <= splitmix64(key XOR salt) < floor((fraction + fit_fraction) * 2**64)
 
 with splitmix64 the finalizer of earth._splitmix64 (uint64 wrapping
 arithmetic).  The cell ids come from the sidecar's tokens (or its coordinates
@@ -39,8 +45,8 @@ import numpy as np
 from geotoken_jax import s2
 from geotoken_jax.data.pipeline import load_rows
 
-HOLDOUT_PARTS = ("holdout", "rest")
-HOLDOUT_DEFAULTS = {"fraction": 0.01, "by": "cell", "cell_level": 8, "salt": 0}
+HOLDOUT_PARTS = ("holdout", "fit", "rest")
+HOLDOUT_DEFAULTS = {"fraction": 0.01, "by": "cell", "cell_level": 8, "salt": 0, "fit_fraction": 0.0}
 HOLDOUT_MODES = ("cell", "id")
 
 
@@ -135,6 +141,10 @@ def holdout_config(config: Mapping | None) -> dict:
   fraction = out["fraction"]
   if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
     raise ValueError(f"data.holdout.fraction must be a number in (0, 1), got {fraction!r}")
+  fit_fraction = out["fit_fraction"]
+  if (isinstance(fit_fraction, bool) or not isinstance(fit_fraction, (int, float))
+      or not 0 <= fit_fraction < 1 - fraction):
+    raise ValueError(f"data.holdout.fit_fraction must be a number in [0, 1 - fraction), got {fit_fraction!r}")
   if out["by"] not in HOLDOUT_MODES:
     raise ValueError(f"data.holdout.by must be one of {HOLDOUT_MODES}, got {out['by']!r}")
   level = out["cell_level"]
@@ -143,7 +153,8 @@ def holdout_config(config: Mapping | None) -> dict:
   salt = out["salt"]
   if isinstance(salt, bool) or not isinstance(salt, (int, np.integer)) or not 0 <= salt < 2**64:
     raise ValueError(f"data.holdout.salt must be an integer in [0, 2**64), got {salt!r}")
-  return {"fraction": float(fraction), "by": out["by"], "cell_level": int(level), "salt": int(salt)}
+  return {"fraction": float(fraction), "by": out["by"], "cell_level": int(level), "salt": int(salt),
+          "fit_fraction": float(fit_fraction)}
 
 
 def splitmix64(x: np.ndarray) -> np.ndarray:
@@ -166,15 +177,30 @@ def cell_ids_of_index(index: Mapping[str, np.ndarray], spec: s2.TokenSpec, level
   return s2.latlng_to_cell_ids(latlng[:, 0], latlng[:, 1], level)
 
 
-def holdout_mask(index: Mapping[str, np.ndarray], spec: s2.TokenSpec, config: Mapping | None) -> np.ndarray:
-  """bool [N]: True for the held-out rows (see the module docstring for the rule)."""
+def _threshold(fraction: float) -> np.uint64:
+  return np.uint64(min(int(fraction * 2.0**64), 2**64 - 1))
+
+
+def holdout_parts(index: Mapping[str, np.ndarray], spec: s2.TokenSpec, config: Mapping | None) -> np.ndarray:
+  """uint8 [N]: 0 rest, 1 holdout, 2 fit (see the module docstring for the rule)."""
   config = holdout_config(config)
   if config["by"] == "cell":
     keys = cell_ids_of_index(index, spec, config["cell_level"])
   else:
     keys = np.asarray(index["id_hash"], np.uint64)
-  threshold = np.uint64(min(int(config["fraction"] * 2.0**64), 2**64 - 1))
-  return splitmix64(keys ^ np.uint64(config["salt"])) < threshold
+  hashed = splitmix64(keys ^ np.uint64(config["salt"]))
+  parts = np.zeros(hashed.shape, np.uint8)
+  parts[hashed < _threshold(config["fraction"])] = 1
+  if config["fit_fraction"] > 0:
+    fit = (hashed >= _threshold(config["fraction"])) & (
+        hashed < _threshold(config["fraction"] + config["fit_fraction"]))
+    parts[fit] = 2
+  return parts
+
+
+def holdout_mask(index: Mapping[str, np.ndarray], spec: s2.TokenSpec, config: Mapping | None) -> np.ndarray:
+  """bool [N]: True for the held-out rows (see the module docstring for the rule)."""
+  return holdout_parts(index, spec, config) == 1
 
 
 def split_part(name: str) -> tuple[str, str | None]:
@@ -183,7 +209,7 @@ def split_part(name: str) -> tuple[str, str | None]:
   if sep and part in HOLDOUT_PARTS:
     return base, part
   if sep:
-    raise ValueError(f"unknown split part {part!r} in {name!r}: use SPLIT, SPLIT:holdout or SPLIT:rest")
+    raise ValueError(f"unknown split part {part!r} in {name!r}: use SPLIT, SPLIT:holdout, SPLIT:fit or SPLIT:rest")
   return name, None
 
 
@@ -246,8 +272,11 @@ def apply(source, index: Mapping[str, np.ndarray], *, part: str | None, holdout:
   n = len(source)
   rows = np.arange(n, dtype=np.int64)
   if part is not None:
-    mask = holdout_mask(index, index_spec(source), holdout)
-    rows = np.flatnonzero(mask if part == "holdout" else ~mask)
+    config = holdout_config(holdout)
+    if part == "fit" and not config["fit_fraction"] > 0:
+      raise ValueError(f"{name}: the fit part needs data.holdout.fit_fraction > 0")
+    parts = holdout_parts(index, index_spec(source), config)
+    rows = np.flatnonzero(parts == {"rest": 0, "holdout": 1, "fit": 2}[part])
   dropped = 0
   if leak_ids:
     kept, dropped = leak_filter_rows(np.asarray(index["photo_id"])[rows], leak_ids)

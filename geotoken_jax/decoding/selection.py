@@ -29,6 +29,8 @@ Rules (`select(rule, ...)`):
   fused    log-probability + w * similarity logit (the alignment model's scaled
            cosine): the product of the decoder's and the alignment model's
            probabilities, the second raised to w.  `scores` holds the fused score.
+  rerank   the candidate a learned reranker scores highest (models.reranker over
+           decoding.rerank_features of a union pool).  `scores` holds its scores.
 Ties in logprob / medoid / similarity / fused go to the earlier candidate.
 
 Validity: every rule and top_candidates take an optional `valid` [batch, N]
@@ -49,9 +51,10 @@ from flax import struct
 
 from geotoken_jax import metrics
 
-SELECTION_RULES = ("logprob", "vote", "wvote", "medoid", "mean", "similarity", "fused")
-# Rules that rank candidates by a score computed outside the pool (an alignment model).
-SCORE_RULES = ("similarity", "fused")
+SELECTION_RULES = ("logprob", "vote", "wvote", "medoid", "mean", "similarity", "fused", "rerank")
+# Rules that rank candidates by a score computed outside the pool (an alignment model, a reranker).
+SCORE_RULES = ("similarity", "fused", "rerank")
+ALIGNMENT_RULES = ("similarity", "fused")
 
 
 @struct.dataclass
@@ -157,7 +160,8 @@ def select(rule: str, tokens: jax.Array, log_probs: jax.Array, latlng: jax.Array
   (similarity, fused) take the best of `scores` [batch, N]."""
   if rule in SCORE_RULES:
     if scores is None:
-      raise ValueError(f"selection rule {rule!r} needs a score per candidate from an alignment model")
+      raise ValueError(f"selection rule {rule!r} needs a score per candidate (an alignment model's or a "
+                       "reranker's)")
     return select_logprob(tokens, scores, latlng, valid)
   if rule not in _RULES:
     raise ValueError(f"unknown selection rule {rule!r}; choose from {', '.join(SELECTION_RULES)}")

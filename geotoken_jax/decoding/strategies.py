@@ -21,7 +21,8 @@ A strategy string (comma-separate several for the evaluation job):
 
 Rules: logprob, vote, wvote (the vote weighted by probability), medoid, mean, and with an alignment model similarity (the
 candidate most similar to the image) and fused (log-probability + w x similarity
-logit; w is evaluate.fused_weight).
+logit; w is evaluate.fused_weight); on a union pool (add_neighbors=K) with a fitted
+reranker (evaluate.reranker_workdir), rerank (the candidate it scores highest).
 
 followed by optional key=value fields:
   top_k=K, top_p=P             sampling filters (sample only)
@@ -73,7 +74,8 @@ from geotoken_jax.decoding.greedy import greedy_decode
 from geotoken_jax.decoding.constraints import ALLOWED_LOGIT
 from geotoken_jax.decoding.knn_lm import check_neighbors, first_neighbors, mix_neighbors, sequence_log_prob
 from geotoken_jax.decoding.sampling import check_sampling, sample_sequences
-from geotoken_jax.decoding.selection import SCORE_RULES, SELECTION_RULES, first_occurrence, select, top_candidates
+from geotoken_jax.decoding.selection import (ALIGNMENT_RULES, SCORE_RULES, SELECTION_RULES, first_occurrence, select,
+                                            top_candidates)
 from geotoken_jax.s2 import jax_ops
 
 KINDS = ("greedy", "beam", "sample", "gallery", "knn")
@@ -180,6 +182,8 @@ class Strategy:
       check_sampling(self.temperature, self.top_k, self.top_p)
     self._check_knn_lm()
     self._check_add_neighbors()
+    if self.rule == "rerank" and not self.add_neighbors:
+      raise ValueError(f"{self.name}: rule rerank scores a union pool: add add_neighbors=K")
     if self.trie_level and not self.trie_min_count:
       raise ValueError(f"{self.kind}: trie_level needs trie (e.g. trie:trie_level={self.trie_level})")
     if self.trie_min_count < 0:
@@ -476,7 +480,12 @@ def union_pool(model, memory: jax.Array, strategy: Strategy, pool: Mapping[str, 
 
 def needs_alignment(strategy: Strategy) -> bool:
   """Does the strategy need an alignment model (a gallery, or a similarity-based rule)?"""
-  return strategy.kind == "gallery" or strategy.rule in SCORE_RULES
+  return strategy.kind == "gallery" or strategy.rule in ALIGNMENT_RULES
+
+
+def needs_reranker(strategy: Strategy) -> bool:
+  """Does the strategy need a fitted reranker (rule rerank)?"""
+  return strategy.rule == "rerank"
 
 
 def needs_neighbors(strategy: Strategy) -> bool:
@@ -509,6 +518,10 @@ def rule_scores(pool: Mapping[str, jax.Array], rule: str, fused_weight: float = 
   scaled cosine of each candidate); None for the other rules."""
   if rule not in SCORE_RULES:
     return None
+  if rule == "rerank":
+    if "rerank" not in pool:
+      raise ValueError("rule 'rerank' needs the pool's reranker scores")
+    return pool["rerank"]
   if "similarity" not in pool:
     raise ValueError(f"rule {rule!r} needs the pool's alignment similarities")
   if rule == "similarity":

@@ -28,6 +28,7 @@ from geotoken_jax.decoding.strategies import Strategy
 from geotoken_jax.inference.online_retrieval import evaluation_source
 from geotoken_jax.inference.predictor import (ORACLE_PREFIX, Predictor, group_strategies, has_oracle, oracle_name,
                                               predict_batches)
+from geotoken_jax.inference.reranker import restore_reranker
 from geotoken_jax.inference.restore import (evaluate_config, load_run_config, restore_aligner, restore_model,
                                             token_spec)
 
@@ -240,10 +241,13 @@ def run_evaluation(config: ml_collections.ConfigDict | None, workdir, *, strateg
   timings = {}
   if first_batch < num_batches:
     aligner = restore_aligner(config, mesh, wanted, alignment_workdir)
+    reranker = None
+    if any(strategies.needs_reranker(s) for s in wanted):
+      reranker = restore_reranker(reranker_dir(workdir, eval_config), mesh)
     predictor = Predictor.from_restored(restored, wanted, num_candidates=int(eval_config.num_candidates),
                                         seed=int(eval_config.seed),
                                         cache_dir=epath.Path(workdir) / "cache" / "tries", aligner=aligner,
-                                        oracles=oracles)
+                                        oracles=oracles, reranker=reranker)
     if list(predictor.oracle_names) != pool_oracles:
       raise RuntimeError(f"the predictor's oracles {predictor.oracle_names} are not {pool_oracles}")
     bar = runtime.progress(num_batches, f"{len(wanted)} strategies", first_batch)
@@ -289,8 +293,19 @@ def run_evaluation(config: ml_collections.ConfigDict | None, workdir, *, strateg
   return {"step": step, "split": split, "output_dir": str(output_dir), "results": results, "timings": timings}
 
 
+def reranker_dir(workdir, eval_config) -> epath.Path:
+  """evaluate.reranker_workdir, relative to the evaluated run's workdir unless absolute."""
+  text = str(eval_config.get("reranker_workdir", "") or "")
+  if not text:
+    raise ValueError("rule rerank needs a fitted reranker: set evaluate.reranker_workdir (the recipe's rerank "
+                     "stage fits one into W/reranker)")
+  path = epath.Path(text)
+  return path if path.is_absolute() or "://" in text else epath.Path(workdir) / text
+
+
 # Settings that change predictions without changing the strategy names.
-_RESUME_SETTINGS = ("alignment_workdir", "gallery", "gallery_limit", "fused_weight", "seed", "num_candidates")
+_RESUME_SETTINGS = ("alignment_workdir", "gallery", "gallery_limit", "fused_weight", "seed", "num_candidates",
+                    "reranker_workdir")
 
 
 def _check_same_settings(output_dir, eval_config, alignment_workdir) -> None:

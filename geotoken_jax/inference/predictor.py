@@ -25,7 +25,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from geotoken_jax import data, decoding, metrics, models, runtime, s2, sharding
-from geotoken_jax.decoding import knn_lm, strategies
+from geotoken_jax.decoding import knn_lm, rerank_features, strategies
 from geotoken_jax.decoding.strategies import Strategy
 from geotoken_jax.inference.location_gallery import (LocationGallery, gallery_with_features, load_location_gallery,
                                                      location_features)
@@ -41,6 +41,7 @@ class StrategyGroup:
 
 
 ORACLE_PREFIX = "oracle:"
+FEATURES_PREFIX = "features:"  # Predictor(export_features=True): a union pool's reranker features
 
 
 def oracle_name(strategy: Strategy) -> str:
@@ -119,6 +120,12 @@ class Predictor:
   with the same fields: predicted = the valid pool entry nearest to the truth (label-aware:
   an upper bound for the selection rules, not a prediction), candidates as the logprob rule's.
 
+  Rule rerank: a union pool's candidates get decoding.rerank_features and the scores of
+  `reranker` (inference.reranker.RestoredReranker).  With export_features=True, every union
+  pool group also returns FEATURES_PREFIX + its pool name: {"features" [B, M, F], "latlng"
+  [B, M, 2], "valid" [B, M]} (with `feature_settings` {"tau", "support_km"} when no reranker
+  gives them): the data a reranker is fitted on.
+
   Alignment models: when the model itself is one (`is_aligner`), its strategies are
   gallery:K over `gallery`; a GeoToken model with an `aligner` (a restored alignment
   model) also gets gallery:K and the similarity / fused rules, the candidates'
@@ -129,7 +136,8 @@ class Predictor:
                wanted: Sequence[Strategy], *, num_candidates: int = 5, seed: int = 0,
                tries: Mapping[str, decoding.CellTrie] | None = None, loss_weights=None,
                is_aligner: bool = False, aligner: "RestoredModel | None" = None, gallery: LocationGallery | None = None,
-               fused_weight: float = 1.0, knn_temperature: float = 0.05, oracles: bool = False):
+               fused_weight: float = 1.0, knn_temperature: float = 0.05, oracles: bool = False,
+               reranker=None, export_features: bool = False, feature_settings: Mapping | None = None):
     self.mesh, self.spec = mesh, spec
     self.params = params
     self.strategies = list(wanted)
@@ -151,6 +159,20 @@ class Predictor:
                        f"{[s.name for s in self.strategies if s.kind != 'gallery']}")
     if any(s.kind == "gallery" for s in self.strategies) and gallery is None:
       raise ValueError("gallery:K needs a gallery (evaluate.gallery)")
+    reranked = [s.name for s in self.strategies if strategies.needs_reranker(s)]
+    if reranked and reranker is None:
+      raise ValueError(f"{', '.join(reranked)} need a fitted reranker: set evaluate.reranker_workdir (fitted by "
+                       "python -m geotoken_jax.rerank, or the recipe's rerank stage)")
+    self.reranker = reranker
+    settings = dict(reranker.settings if reranker is not None else (feature_settings or {}))
+    if (reranked or export_features) and not {"tau", "support_km"} <= set(settings):
+      raise ValueError("reranker features need settings tau and support_km (a reranker's, or feature_settings)")
+    feature_tau = float(settings.get("tau", 0.0))
+    support_km = tuple(float(d) for d in settings.get("support_km", ()))
+    self.feature_names = rerank_features.feature_names(support_km) if settings else ()
+    if reranker is not None and tuple(reranker.settings.get("features", ())) != self.feature_names:
+      raise ValueError(f"the reranker was fitted on features {reranker.settings.get('features')}, this predictor "
+                       f"computes {self.feature_names}")
     with_loss = loss_weights is not None
     weights = None if loss_weights is None else jnp.asarray(loss_weights, jnp.float32)
     groups, k, fused_weight = self.groups, int(num_candidates), float(fused_weight)
@@ -161,7 +183,7 @@ class Predictor:
     decoded = any(g.pool.kind in ("greedy", "beam", "sample") for g in groups)
     with_oracles = self.oracles
 
-    def predict(params, batch, tries, aligner_params, gallery_arrays):
+    def predict(params, batch, tries, aligner_params, gallery_arrays, reranker_params):
       model = nnx.merge(graphdef, params)
       align_model = model if is_aligner else (
           nnx.merge(aligner.graphdef, aligner_params) if aligner is not None else None)
@@ -193,6 +215,16 @@ class Predictor:
             located = align_model.locate(pool["latlng"].reshape(batch_size * n, 2)).reshape(batch_size, n, -1)
             pool["similarity"] = scale * jnp.einsum("be,bne->bn", models.align.normalize(query),
                                                     models.align.normalize(located))  # [batch, N]
+        wants_rerank = any(strategies.needs_reranker(m) for m in group.members)
+        if group.pool.add_neighbors and (wants_rerank or export_features):
+          num_decoded = pool["tokens"].shape[1] - group.pool.add_neighbors
+          features = rerank_features.candidate_features(pool, batch, num_decoded=num_decoded, tau=feature_tau,
+                                                        support_km=support_km)  # [batch, N + K, F]
+          if wants_rerank:
+            pool["rerank"] = nnx.merge(reranker.graphdef, reranker_params)(features)
+          if export_features:
+            out[FEATURES_PREFIX + group.pool.name] = {"features": features, "latlng": pool["latlng"],
+                                                      "valid": pool["valid"]}
         for member in group.members:
           out[member.name] = _output(pool, strategies.choose(pool, member.rule, k, fused_weight))
         if with_oracles and has_oracle(group.pool):  # label-aware: the pool's entry nearest to the truth
@@ -209,8 +241,9 @@ class Predictor:
       gallery_shardings = {"latlng": replicated, "tokens": replicated, "features": replicated}
       if gallery.features is not None:  # placed once, not copied to the devices at every call
         self._gallery_arrays = jax.device_put(gallery.arrays(), gallery_shardings)
+    reranker_shardings = jax.tree.map(lambda _: replicated, reranker.params) if reranker is not None else None
     self._fn = jax.jit(predict, in_shardings=(param_shardings, batch_sharding, trie_shardings,
-                                              aligner_shardings, gallery_shardings),
+                                              aligner_shardings, gallery_shardings, reranker_shardings),
                        out_shardings=batch_sharding)
     self._graphdef, self._is_aligner = graphdef, is_aligner
 
@@ -218,7 +251,8 @@ class Predictor:
   def from_restored(cls, restored: "RestoredModel", wanted: Sequence[Strategy], *, num_candidates: int = 5,
                     seed: int = 0, cache_dir=None, aligner: "RestoredModel | None" = None,
                     gallery: str | None = None, fused_weight: float | None = None,
-                    oracles: bool = False) -> "Predictor":
+                    oracles: bool = False, reranker=None, export_features: bool = False,
+                    feature_settings: Mapping | None = None) -> "Predictor":
     """A predictor for a restored model; an alignment model (restored or `aligner`) gets its
     gallery (evaluate.gallery, or `gallery`) embedded once and cached in cache_dir."""
     config = restored.config
@@ -233,7 +267,8 @@ class Predictor:
     return cls(restored.graphdef, restored.params, restored.param_shardings, restored.mesh, restored.spec,
                wanted, num_candidates=num_candidates, seed=seed, tries=tries, is_aligner=is_aligner,
                aligner=aligner, gallery=gallery_data, fused_weight=weight,
-               knn_temperature=float(evaluate_config(config).knn_temperature), oracles=oracles)
+               knn_temperature=float(evaluate_config(config).knn_temperature), oracles=oracles,
+               reranker=reranker, export_features=export_features, feature_settings=feature_settings)
 
   def refresh_gallery(self, params) -> None:
     """Re-embeds the gallery with `params` (an alignment model's own validation while it trains)."""
@@ -258,7 +293,7 @@ class Predictor:
       raise ValueError("oracles=True reads the true locations: the batch has no `latlng` (predict unlabelled "
                        "images with oracles=False)")
     return (self.params if params is None else params, dict(device_batch), self.tries, aligner_params,
-            self._gallery_arrays)
+            self._gallery_arrays, self.reranker.params if self.reranker is not None else None)
 
   def __call__(self, device_batch: Mapping[str, jax.Array], params=None) -> dict:
     return self._fn(*self._args(device_batch, params))

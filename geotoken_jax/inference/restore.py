@@ -50,6 +50,9 @@ EVALUATE_DEFAULTS = ml_collections.ConfigDict({
     # Also the label-using upper-bound rows "oracle:..." (oracle:nearest_train: each image at the
     # training location nearest to its true location); evaluate --oracles.
     "oracles": False,
+    # A fitted reranker (rule rerank, on union pools): its directory, absolute or relative to
+    # the evaluated run's workdir ("" = none).
+    "reranker_workdir": "",
 })
 
 
