@@ -24,6 +24,7 @@ COMMANDS = {
     "predict": ("geotoken_jax.predict", True),
     "embed": ("geotoken_jax.embed", True),
     "index": ("geotoken_jax.index", True),
+    "rerank": ("geotoken_jax.rerank", True),
     "prepare": ("geotoken_jax.data.prepare", False),
     "tokenize": ("geotoken_jax.tokenize", False),
     "bench": ("geotoken_jax.bench.__main__", False),

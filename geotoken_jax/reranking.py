@@ -39,7 +39,7 @@ import optax
 from etils import epath
 from flax import nnx
 
-from geotoken_jax import metrics, s2, sharding
+from geotoken_jax import geocode, metrics, s2, sharding
 from geotoken_jax.data.subsets import splitmix64
 from geotoken_jax.decoding import rerank_features, strategies
 from geotoken_jax.inference.online_retrieval import evaluation_source
@@ -172,10 +172,14 @@ def scores_of(model, features: np.ndarray, chunk: int = 2048) -> np.ndarray:
                          for i in range(0, features.shape[0], chunk)])
 
 
+def chosen_index(scores: np.ndarray, valid: np.ndarray) -> np.ndarray:
+  """[n] the valid candidate with the highest score (first of equals)."""
+  return np.argmax(np.where(valid, scores, -np.inf), axis=1)
+
+
 def chosen_distance(scores: np.ndarray, distance: np.ndarray, valid: np.ndarray) -> np.ndarray:
   """[n] km of the valid candidate with the highest score (first of equals)."""
-  index = np.argmax(np.where(valid, scores, -np.inf), axis=1)
-  return distance[np.arange(distance.shape[0]), index]
+  return distance[np.arange(distance.shape[0]), chosen_index(scores, valid)]
 
 
 def fit_reranker(config, workdir) -> dict:
@@ -198,6 +202,7 @@ def fit_reranker(config, workdir) -> dict:
   valid = np.concatenate([pools[s]["valid"] for s in splits]).astype(bool)
   distance = np.concatenate([distances_km(pools[s]) for s in splits])
   truth = np.concatenate([pools[s]["truth"] for s in splits])
+  latlng = np.concatenate([pools[s]["latlng"] for s in splits]).astype(np.float64)
   which = np.concatenate([np.full(len(pools[s]["truth"]), i) for i, s in enumerate(splits)])
   labelled = np.isfinite(truth).all(axis=1)
   if not labelled.all():  # an unlabelled image cannot be fitted on or scored: counted, said
@@ -214,8 +219,13 @@ def fit_reranker(config, workdir) -> dict:
   summary = {"out_of_fold": {}, "directory": str(out_dir), "fit_rows": {s: int(len(pools[s]["truth"])) for s in splits}}
   for i, split in enumerate(splits):
     rows = (which == i) & labelled
-    km = chosen_distance(oof[rows], distance[rows], valid[rows])
-    summary["out_of_fold"][split] = metrics.accuracy_table(km, skipped=int(((which == i) & ~labelled).sum()))
+    index = chosen_index(oof[rows], valid[rows])
+    km = distance[rows][np.arange(index.size), index]
+    chosen = latlng[rows][np.arange(index.size), index]
+    # The countries as the evaluation job scores them (reverse-geocoded, offline).
+    summary["out_of_fold"][split] = metrics.accuracy_table(
+        km, skipped=int(((which == i) & ~labelled).sum()), predicted_countries=geocode.country_codes(chosen),
+        true_countries=geocode.country_codes(truth[rows]))
   model = fit(features[labelled], distance[labelled], valid[labelled], settings, rc)
   summary["seconds"] = round(time.perf_counter() - start, 1)
   save_reranker(out_dir, model, {**settings, "fit": {"settings": fit_settings, "summary": summary}})
