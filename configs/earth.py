@@ -14,9 +14,9 @@ from geotoken_jax import models, sharding
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   variant = arg or "default"
-  if variant not in ("default", "smoke", "align", "align_smoke", "retrieval", "retrieval_smoke", "retrieval_vit",
+  if variant not in ("default", "smoke", "align", "align_smoke", "align_place", "retrieval", "retrieval_smoke", "retrieval_vit",
                      "retrieval_tiny", "retrieval_tiny_smoke", "fusion", "fusion_smoke"):
-    raise ValueError(f"unknown variant {variant!r}: use configs/earth.py[:smoke|:align|:align_smoke|"
+    raise ValueError(f"unknown variant {variant!r}: use configs/earth.py[:smoke|:align|:align_smoke|:align_place|"
                      ":retrieval|:retrieval_smoke|:retrieval_vit|:retrieval_tiny|:retrieval_tiny_smoke|:fusion|"
                      ":fusion_smoke]")
   config = ml_collections.ConfigDict()
@@ -84,6 +84,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   if variant.startswith("align"):
     _align(config, smoke=variant == "align_smoke")
+  if variant == "align_place":  # + the place-recognition term (models.align.place_loss): same place = positive
+    config.model.update(place_weight=1.0, place_max_shift=8, place_radius_km=25.0, place_temperature=0.1)
   if variant.startswith("retrieval"):
     model = config.model
     _retrieval(config, smoke=variant.endswith("_smoke"), tiny=variant.startswith("retrieval_tiny"))

@@ -266,6 +266,7 @@ def make_train_step(setup: TrainSetup, config: ml_collections.ConfigDict, mesh) 
   accum = int(config.optim.grad_accum_steps)
   base_key = jax.random.key(config.seed)
   alignment = models.align.is_alignment(config.model)
+  place = models.align.place_settings(config.model) if alignment else None
 
   def loss_fn(params, micro, key, queue):
     # Frozen parameters get no gradient, so XLA drops the backward pass through them.
@@ -273,7 +274,7 @@ def make_train_step(setup: TrainSetup, config: ml_collections.ConfigDict, mesh) 
         lambda path, x: jax.lax.stop_gradient(x) if is_frozen(config, optim.parameter_path(path)) else x, params)
     model = nnx.merge(setup.graphdef, params)
     if alignment:
-      return models.align.contrastive_loss(model, micro, queue)
+      return models.align.contrastive_loss(model, micro, queue, key, place)
     # The model picks its inputs from the batch (image, or features + neighbours).
     logits = model(micro, micro["tokens"], deterministic=False,
                    rngs=nnx.Rngs(dropout=key))  # [batch, positions, vocab]

@@ -338,3 +338,46 @@ def test_a_queue_of_encoder_outputs_gives_the_same_loss_as_re_encoding():
   # float32 rounding of the σ = 256 capsule's large phases differs between the two programs
   # (measured up to 2e-6 relative); a wrong queue entry would move the loss by far more.
   np.testing.assert_allclose(float(loss_stored), float(loss_raw), rtol=2e-5)
+
+
+def test_multi_positive_info_nce_matches_float64_numpy():
+  rng = np.random.default_rng(11)
+  a, b = rng.normal(size=(6, 4)), rng.normal(size=(6, 4))
+  positive = np.eye(6, dtype=bool) | (rng.random((6, 6)) < 0.3)
+  mask = np.asarray([True, True, False, True, True, True])
+  got = float(align.multi_positive_info_nce(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32),
+                                            jnp.asarray(positive), 0.1, jnp.asarray(mask)))
+  an, bn, rows = _normalize64(a), _normalize64(b), np.flatnonzero(mask)
+  terms = []
+  for i in rows:  # a -> b, then b -> a, each over the unmasked rows only
+    f = np.asarray([an[i] @ bn[j] / 0.1 for j in rows])
+    terms.append(np.log(np.exp(f).sum()) - np.log(np.exp(f[positive[i, rows]]).sum()))
+    g = np.asarray([an[j] @ bn[i] / 0.1 for j in rows])
+    terms.append(np.log(np.exp(g).sum()) - np.log(np.exp(g[positive[rows, i]]).sum()))
+  np.testing.assert_allclose(got, np.sum(terms) / (2 * len(rows)), rtol=1e-5)
+
+
+def test_the_place_term_uses_shifted_views_and_nearby_images_as_positives():
+  images = jnp.asarray(_images(3, 16, seed=9))
+  shifted = np.asarray(align.shifted_views(images, jax.random.key(0), 3))
+  for i in range(3):  # each view is its image rolled by one (dy, dx) within the bound
+    found = [(dy, dx) for dy in range(-3, 4) for dx in range(-3, 4)
+             if np.array_equal(np.roll(np.asarray(images[i]), (dy, dx), axis=(0, 1)), shifted[i])]
+    assert found, i
+  cfg = _tiny_align_config()
+  cfg.update(queue_size=0)
+  model = models.build_model(cfg, SPEC, rngs=nnx.Rngs(0))
+  # Two photos 10 km apart and one far away: with a 25 km radius the first two are positives.
+  batch = {"image": images, "latlng": jnp.asarray([[10.0, 20.0], [10.09, 20.0], [-40.0, 100.0]], jnp.float32)}
+  place = {"weight": 0.5, "max_shift": 3, "radius_km": 25.0, "temperature": 0.1}
+  key = jax.random.key(1)
+  loss, aux = align.contrastive_loss(model, batch, None, key, place)
+  plain, _ = align.contrastive_loss(model, batch, None)
+  features = model.image_features(batch["image"])
+  views = model.image_features(align.shifted_views(batch["image"], key, 3))
+  positive = np.asarray([[1, 1, 0], [1, 1, 0], [0, 0, 1]], bool)
+  want = float(align.multi_positive_info_nce(features, views, jnp.asarray(positive), 0.1))
+  np.testing.assert_allclose(float(aux["place_loss"]), want, rtol=1e-5)
+  np.testing.assert_allclose(float(loss), float(plain) + 0.5 * want, rtol=1e-5)
+  with pytest.raises(ValueError, match="key"):
+    align.contrastive_loss(model, batch, None, None, place)

@@ -11,7 +11,12 @@
 The loss (`contrastive_loss`) is the symmetric InfoNCE of CLIP with a learnable
 temperature: image -> location over the batch's locations plus a FIFO queue of
 past GPS (extra negatives, GeoCLIP), location -> image over the batch; with a
-text head, a second symmetric term against the batch's text features.
+text head, a second symmetric term against the batch's text features.  With
+place_weight > 0, a place-recognition term (`place_loss`): each image and a copy shifted by
+up to place_max_shift pixels (another view of the same place) are positives, and so are any
+two images of the batch within place_radius_km; multi-positive InfoNCE over the image
+features at place_temperature, so the image feature (the "image" field retrieval searches)
+learns "same place" rather than only "near this GPS".
 
 Config (`align_config(preset)`):
   architecture    "align" (what geotoken_jax.models.build_model dispatches on)
@@ -27,6 +32,8 @@ Config (`align_config(preset)`):
   text_dim        0: no text head; else the width of the batch's "text_features"
   logit_scale_init  log of the initial inverse temperature (G3: 3.99; CLIP: log(1/0.07))
   queue_size      past GPS kept as extra negatives (0: none)
+  place_weight, place_max_shift, place_radius_km, place_temperature   the place-recognition
+                  term (0 = off; shift in pixels; positives within this many km; fixed temperature)
   image_mlp_weights  "" or "geoclip": load GeoCLIP's image MLP (768 -> 768 -> 512) into loc_head
 """
 
@@ -72,6 +79,7 @@ def align_config(preset: str = "earth_align") -> ml_collections.ConfigDict:
       preset=preset, architecture="align", image_tower="vit", feature_dim=256, embed_dim=256,
       loc_head=(256,), location=_location_config(weights="geoclip"), location_head=(256,),
       text_dim=0, logit_scale_init=math.log(1 / 0.07), queue_size=1024, image_mlp_weights="", frozen=(),
+      place_weight=0.0, place_max_shift=8, place_radius_km=25.0, place_temperature=0.1,
       layer_norm_eps=1e-5, compute_dtype="float32",
       vit=vit_config("vit_tiny"), clip=clip.clip_vision_config("vit_l14")))
   if preset == "earth_align":
@@ -254,11 +262,55 @@ def push_queue(queue: dict[str, jax.Array], latlng: jax.Array, mask: jax.Array |
   return out
 
 
-def contrastive_loss(model: GeoAlignModel, batch: Mapping[str, jax.Array], queue: dict | None
+def shifted_views(images: jax.Array, key: jax.Array, max_shift: int) -> jax.Array:
+  """[B, H, W, C] images, each rolled by its own random (dy, dx) in [-max_shift, max_shift]^2
+  (another view of the same place: the earth crops of nearby places are shifted windows)."""
+  shifts = jax.random.randint(key, (images.shape[0], 2), -int(max_shift), int(max_shift) + 1)
+  return jax.vmap(lambda image, shift: jnp.roll(image, (shift[0], shift[1]), axis=(0, 1)))(images, shifts)
+
+
+def multi_positive_info_nce(a: jax.Array, b: jax.Array, positive: jax.Array, temperature: float,
+                            mask: jax.Array | None = None) -> jax.Array:
+  """Symmetric multi-positive InfoNCE between a [B, D] and b [B, D] (normalized here):
+  row i of a against every row of b, -log(sum over positives of softmax); positive [B, B]
+  bool (its diagonal must be True); rows with mask False neither count nor compete."""
+  batch = a.shape[0]
+  mask = jnp.ones((batch,), jnp.bool_) if mask is None else jnp.asarray(mask, jnp.bool_)
+  pair_ok = mask[:, None] & mask[None, :]
+  logits = jnp.where(pair_ok, normalize(a) @ normalize(b).T / temperature, -jnp.inf)
+  positive = positive & pair_ok
+
+  def one_way(logits, positive):
+    return jax.nn.logsumexp(logits, axis=1) - jax.nn.logsumexp(jnp.where(positive, logits, -jnp.inf), axis=1)
+
+  forward, backward = one_way(logits, positive), one_way(logits.T, positive.T)
+  count = jnp.maximum(jnp.sum(mask), 1)
+  return 0.5 * (jnp.sum(jnp.where(mask, forward, 0.0)) + jnp.sum(jnp.where(mask, backward, 0.0))) / count
+
+
+def place_loss(model: GeoAlignModel, batch: Mapping[str, jax.Array], key: jax.Array, *, max_shift: int,
+               radius_km: float, temperature: float, features: jax.Array | None = None) -> jax.Array:
+  """The place-recognition term: image features of the batch against those of shifted views,
+  positives = the same image or any image within radius_km (module docstring)."""
+  features = model.image_features(batch["image"]) if features is None else features
+  shifted = model.image_features(shifted_views(batch["image"], key, max_shift))
+  latlng = batch["latlng"].astype(jnp.float32)
+  lat, lng = jnp.radians(latlng[:, 0]), jnp.radians(latlng[:, 1])
+  # Great-circle distance between every pair (haversine, km); the diagonal is 0.
+  h = (jnp.sin((lat[:, None] - lat[None, :]) / 2) ** 2
+       + jnp.cos(lat[:, None]) * jnp.cos(lat[None, :]) * jnp.sin((lng[:, None] - lng[None, :]) / 2) ** 2)
+  distance = 2 * 6371.0088 * jnp.arcsin(jnp.sqrt(jnp.clip(h, 0.0, 1.0)))
+  positive = (distance <= radius_km) | jnp.eye(latlng.shape[0], dtype=jnp.bool_)
+  return multi_positive_info_nce(features, shifted, positive, temperature, batch.get("mask"))
+
+
+def contrastive_loss(model: GeoAlignModel, batch: Mapping[str, jax.Array], queue: dict | None,
+                     key: jax.Array | None = None, place: Mapping[str, Any] | None = None
                      ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The training loss of one (micro)batch: image <-> GPS InfoNCE with the queue's
   coordinates as extra negatives, plus image <-> text when the model has a text head
-  and the batch has text features."""
+  and the batch has text features, plus with `place` (weight, max_shift, radius_km,
+  temperature; weight > 0) the place-recognition term, its shifts drawn from `key`."""
   embedded = model.embed(batch)
   latlng = batch["latlng"].astype(jnp.float32)
   mask = batch.get("mask")
@@ -283,7 +335,24 @@ def contrastive_loss(model: GeoAlignModel, batch: Mapping[str, jax.Array], queue
     text_loss, text_aux = info_nce(embedded["text_head"], batch[TEXT_FEATURES_KEY], text_scale, mask=mask)
     loss = loss + text_loss
     out.update(text_loss=text_loss, text_accuracy=text_aux["accuracy"])
+  if place is not None and float(place["weight"]) > 0:
+    if key is None:
+      raise ValueError("the place-recognition term draws random shifts: pass a key")
+    term = place_loss(model, batch, key, max_shift=int(place["max_shift"]), radius_km=float(place["radius_km"]),
+                      temperature=float(place["temperature"]), features=embedded["image"])
+    loss = loss + float(place["weight"]) * term
+    out["place_loss"] = term
   return loss, out
+
+
+def place_settings(model_config) -> dict | None:
+  """The config's place-recognition term (None when off)."""
+  weight = float(model_config.get("place_weight", 0.0))
+  if weight <= 0:
+    return None
+  return {"weight": weight, "max_shift": int(model_config.get("place_max_shift", 8)),
+          "radius_km": float(model_config.get("place_radius_km", 25.0)),
+          "temperature": float(model_config.get("place_temperature", 0.1))}
 
 
 def pretrained_leaves(model_config) -> dict[tuple, np.ndarray]:
