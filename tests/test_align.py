@@ -371,13 +371,20 @@ def test_the_place_term_uses_shifted_views_and_nearby_images_as_positives():
   batch = {"image": images, "latlng": jnp.asarray([[10.0, 20.0], [10.09, 20.0], [-40.0, 100.0]], jnp.float32)}
   place = {"weight": 0.5, "max_shift": 3, "radius_km": 25.0, "temperature": 0.1}
   key = jax.random.key(1)
-  loss, aux = align.contrastive_loss(model, batch, None, key, place)
-  plain, _ = align.contrastive_loss(model, batch, None)
-  features = model.image_features(batch["image"])
-  views = model.image_features(align.shifted_views(batch["image"], key, 3))
-  positive = np.asarray([[1, 1, 0], [1, 1, 0], [0, 0, 1]], bool)
-  want = float(align.multi_positive_info_nce(features, views, jnp.asarray(positive), 0.1))
-  np.testing.assert_allclose(float(aux["place_loss"]), want, rtol=1e-5)
-  np.testing.assert_allclose(float(loss), float(plain) + 0.5 * want, rtol=1e-5)
+  positive = jnp.asarray([[1, 1, 0], [1, 1, 0], [0, 0, 1]], bool)
+  graphdef, state = nnx.split(model)
+
+  @jax.jit  # one program: eager module calls would dominate the test's time
+  def losses(state, batch, key):
+    model = nnx.merge(graphdef, state)
+    loss, aux = align.contrastive_loss(model, batch, None, key, place)
+    plain, _ = align.contrastive_loss(model, batch, None)
+    features = model.image_features(batch["image"])
+    views = model.image_features(align.shifted_views(batch["image"], key, 3))
+    return loss, aux["place_loss"], plain, align.multi_positive_info_nce(features, views, positive, 0.1)
+
+  loss, term, plain, want = (float(x) for x in losses(state, batch, key))
+  np.testing.assert_allclose(term, want, rtol=1e-5)
+  np.testing.assert_allclose(loss, plain + 0.5 * want, rtol=1e-5)
   with pytest.raises(ValueError, match="key"):
     align.contrastive_loss(model, batch, None, None, place)

@@ -148,17 +148,15 @@ def test_the_reranker_row_is_out_of_fold_on_validation_and_the_predictor_scores_
   np.testing.assert_allclose(got, expected[order], atol=1e-4)
 
 
-def test_the_rerank_command_keeps_a_reranker_fitted_with_the_same_settings(fusion_run):
-  import subprocess
-  import sys
+def test_the_rerank_command_keeps_a_reranker_fitted_with_the_same_settings(fusion_run, capsys):
+  from geotoken_jax import command_line
+  from geotoken_jax import rerank as rerank_command
   _, workdir, _ = fusion_run
   saved = json.loads((workdir / "reranker" / "reranker.json").read_text())
-  done = subprocess.run([sys.executable, "-m", "geotoken_jax.rerank", "--workdir", str(workdir)], cwd=REPO,
-                        capture_output=True, text=True, timeout=300)
-  assert done.returncode == 0, done.stderr[-2000:]
-  printed = json.loads(done.stdout.strip().splitlines()[-1])
+  capsys.readouterr()
+  assert command_line.call(rerank_command.main, ["rerank", "--workdir", str(workdir)]) == 0
+  printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert printed["out_of_fold"] == json.loads(json.dumps(saved["fit"]["summary"]["out_of_fold"]))
   assert printed["strategy"].startswith("sample:4:0.7:rerank:")
-  missing = subprocess.run([sys.executable, "-m", "geotoken_jax.rerank"], cwd=REPO, capture_output=True, text=True,
-                           timeout=300)
-  assert missing.returncode == 2 and "--workdir" in missing.stderr
+  assert command_line.call(rerank_command.main, ["rerank"]) == 2
+  assert "--workdir" in capsys.readouterr().err

@@ -311,6 +311,9 @@ def contrastive_loss(model: GeoAlignModel, batch: Mapping[str, jax.Array], queue
   coordinates as extra negatives, plus image <-> text when the model has a text head
   and the batch has text features, plus with `place` (weight, max_shift, radius_km,
   temperature; weight > 0) the place-recognition term, its shifts drawn from `key`."""
+  with_place = place is not None and float(place["weight"]) > 0
+  if with_place and key is None:
+    raise ValueError("the place-recognition term draws random shifts: pass a key")
   embedded = model.embed(batch)
   latlng = batch["latlng"].astype(jnp.float32)
   mask = batch.get("mask")
@@ -335,9 +338,7 @@ def contrastive_loss(model: GeoAlignModel, batch: Mapping[str, jax.Array], queue
     text_loss, text_aux = info_nce(embedded["text_head"], batch[TEXT_FEATURES_KEY], text_scale, mask=mask)
     loss = loss + text_loss
     out.update(text_loss=text_loss, text_accuracy=text_aux["accuracy"])
-  if place is not None and float(place["weight"]) > 0:
-    if key is None:
-      raise ValueError("the place-recognition term draws random shifts: pass a key")
+  if with_place:
     term = place_loss(model, batch, key, max_shift=int(place["max_shift"]), radius_km=float(place["radius_km"]),
                       temperature=float(place["temperature"]), features=embedded["image"])
     loss = loss + float(place["weight"]) * term
