@@ -264,6 +264,6 @@ def _fusion(config: ml_collections.ConfigDict, smoke: bool) -> None:
     config.retrieval.update(chunk_rows=512, query_batch=256, block_rows=1024)
     config.reranker.update(pool="sample:4:0.7:knn_lambda=0.5:knn_tau=0.02:add_neighbors=10", steps=30, batch_size=32,
                            hidden=(16,))
-    config.recipe.choose_among = FUSION_GRID[:2] + ("greedy:knn_lambda=0.9:knn_tau=0.02:knn_gate=0.7/0.95",
+    config.recipe.choose_among = FUSION_GRID[:1] + ("greedy:knn_lambda=0.9:knn_tau=0.02:knn_gate=0.7/0.95",
                                                     "sample:4:0.7:rerank:knn_lambda=0.5:knn_tau=0.02:add_neighbors=10")
     config.evaluate.update(strategies=",".join(["greedy", "beam:3", "knn:1", *config.recipe.choose_among]))
