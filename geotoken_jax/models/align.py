@@ -48,6 +48,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from geotoken_jax import metrics
 from geotoken_jax.encoders import clip, geoclip_weights, location
 from geotoken_jax.encoders.vit import ViTEncoder, vit_config
 from geotoken_jax.nn import heads, layers
@@ -295,11 +296,7 @@ def place_loss(model: GeoAlignModel, batch: Mapping[str, jax.Array], key: jax.Ar
   features = model.image_features(batch["image"]) if features is None else features
   shifted = model.image_features(shifted_views(batch["image"], key, max_shift))
   latlng = batch["latlng"].astype(jnp.float32)
-  lat, lng = jnp.radians(latlng[:, 0]), jnp.radians(latlng[:, 1])
-  # Great-circle distance between every pair (haversine, km); the diagonal is 0.
-  h = (jnp.sin((lat[:, None] - lat[None, :]) / 2) ** 2
-       + jnp.cos(lat[:, None]) * jnp.cos(lat[None, :]) * jnp.sin((lng[:, None] - lng[None, :]) / 2) ** 2)
-  distance = 2 * 6371.0088 * jnp.arcsin(jnp.sqrt(jnp.clip(h, 0.0, 1.0)))
+  distance = metrics.haversine_km_jax(latlng[:, None, :], latlng[None, :, :])  # [B, B] km, the project's metric
   positive = (distance <= radius_km) | jnp.eye(latlng.shape[0], dtype=jnp.bool_)
   return multi_positive_info_nce(features, shifted, positive, temperature, batch.get("mask"))
 
