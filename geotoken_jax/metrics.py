@@ -38,6 +38,8 @@ import numpy as np
 
 EARTH_RADIUS_KM = 6371.0
 THRESHOLDS_KM = (1.0, 25.0, 200.0, 750.0, 2500.0)
+# A strategy (and a reranker's snap radius) is chosen by its mean accuracy at these radii.
+CHOICE_THRESHOLDS_KM = (25, 200, 750, 2500)
 GEOGUESSR_MAX_SCORE = 5000.0
 GEOGUESSR_SCALE_KM = 1492.7
 

@@ -118,7 +118,7 @@ def _row_label(config, name: str) -> str:
   return f"{'retrieval GeoToken' if sources.model_reads_neighbors(config) else 'GeoToken'} {name}"
 
 
-CHOICE_THRESHOLDS_KM = (25, 200, 750, 2500)
+CHOICE_THRESHOLDS_KM = metrics.CHOICE_THRESHOLDS_KM
 
 
 def choose_strategy(recipe, by_split: dict) -> tuple[str, str, dict] | None:

@@ -10,10 +10,12 @@ import importlib.util
 import json
 import os
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from geotoken_jax import data, embeddings, inference, metrics, recipe, reranking, s2
+from geotoken_jax.decoding import selection
 from geotoken_jax.inference.reranker import restore_reranker
 from geotoken_jax.retrieval import neighbors, sources
 
@@ -136,8 +138,13 @@ def test_the_reranker_row_is_out_of_fold_on_validation_and_the_predictor_scores_
   assert f"GeoToken {name} (validation)" not in out["results"]  # the in-sample row is never shown
   # The evaluation's rule rerank (features and scores inside the jitted predictor) picks what the
   # restored reranker picks from the pools it was fitted on (validation's, cached by the fit).
+  # Snapped onto a retrieved location within the radius chosen on the out-of-fold scores.
+  snap_km = saved["snap_km"]
+  assert snap_km == saved["fit"]["summary"]["snap_km"] in [float(r) for r in reranking.reranker_config(config).snap_km]
   pools = dict(np.load(directory / "pools" / "validation.npz"))
-  scores = reranking.scores_of(restore_reranker(directory).model(), pools["features"])
+  scores = np.asarray(selection.snap_to_retrieved(
+      jnp.asarray(reranking.scores_of(restore_reranker(directory).model(), pools["features"])),
+      jnp.asarray(pools["latlng"]), jnp.asarray(pools["valid"]), jnp.asarray(pools["neighbor_valid"]), snap_km))
   index = np.argmax(np.where(pools["valid"], scores, -np.inf), axis=1)
   expected = pools["latlng"][np.arange(len(index)), index]
   rows = sorted(inference.read_predictions(next((workdir / "eval").glob("validation-step*")) / "predictions" /

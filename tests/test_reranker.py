@@ -4,6 +4,7 @@ rule it must learn, and the rule / strategy errors."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import jax.numpy as jnp
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 from geotoken_jax import reranking, s2
-from geotoken_jax.decoding import rerank_features, strategies
+from geotoken_jax.decoding import rerank_features, selection, strategies
 from geotoken_jax.inference.reranker import build_reranker, restore_reranker, save_reranker
 from geotoken_jax.models.reranker import plackett_luce_loss
 
@@ -156,3 +157,69 @@ def test_a_saved_reranker_restores_from_a_relative_path_and_scores_the_same(tmp_
   assert restored.settings["features"] == ["a", "b", "c"]
   with pytest.raises(FileNotFoundError, match="no fitted reranker"):
     restore_reranker("elsewhere")
+
+
+def snap_oracle(scores, latlng, valid, neighbor_valid, snap_km):
+  """selection.snap_to_retrieved as a loop in float64 over images and entries."""
+  out = np.array(scores, np.float64)
+  k = neighbor_valid.shape[1]
+  n = scores.shape[1] - k
+  for b in range(scores.shape[0]):
+    entries = [m for m in range(scores.shape[1]) if valid[b, m]]
+    chosen = max(entries, key=lambda m: (scores[b, m], -m))
+    if snap_km <= 0:
+      continue
+    reach = [j for j in range(k) if neighbor_valid[b, j] and _haversine(latlng[b, chosen], latlng[b, n + j]) <= snap_km]
+    if not reach:
+      continue
+    place = latlng[b, n + reach[0]]
+    target = min(entries, key=lambda m: (_haversine(latlng[b, m], place), m))
+    out[b, chosen], out[b, target] = scores[b, target], scores[b, chosen]
+  return out
+
+
+@pytest.mark.parametrize("snap_km", [0.0, 30.0, 400.0])
+def test_snapping_moves_the_choice_onto_the_best_ranked_neighbour_in_reach(snap_km):
+  rng = np.random.default_rng(3)
+  batch, n, k = 64, 5, 4
+  centre = rng.uniform([-60, -170], [60, 170], (batch, 1, 2))
+  latlng = (centre + rng.normal(0, 1.5, (batch, n + k, 2))).astype(np.float32)  # within ~a few hundred km
+  dup = rng.random(batch) < 0.3  # a retrieved path that was also decoded: its entry is invalid, the copy valid
+  latlng[dup, n] = latlng[dup, 1]
+  valid = rng.random((batch, n + k)) < 0.85
+  valid[:, 0] = True
+  valid[dup, n], valid[dup, 1] = False, True
+  neighbor_valid = rng.random((batch, k)) < 0.8
+  scores = rng.normal(size=(batch, n + k)).astype(np.float32)
+  got = np.asarray(selection.snap_to_retrieved(jnp.asarray(scores), jnp.asarray(latlng), jnp.asarray(valid),
+                                               jnp.asarray(neighbor_valid), snap_km))
+  want = snap_oracle(scores, latlng.astype(np.float64), valid, neighbor_valid, snap_km)
+  np.testing.assert_allclose(got, want, rtol=0, atol=0)
+  np.testing.assert_array_equal(np.sort(got, axis=1), np.sort(scores, axis=1))  # scores swap, none invented
+  if snap_km == 0:
+    np.testing.assert_array_equal(got, scores)
+  if snap_km == 30.0:  # the radius bites: some choices move and some stay
+    moved = np.argmax(np.where(valid, got, -np.inf), 1) != np.argmax(np.where(valid, scores, -np.inf), 1)
+    assert 0 < moved.sum() < batch
+
+
+def test_an_evaluation_predicts_rerank_rows_again_after_a_refit(tmp_path):
+  from geotoken_jax.inference import evaluation  # pylint: disable=g-import-not-at-top
+  from geotoken_jax.inference.reranker import fingerprint  # pylint: disable=g-import-not-at-top
+  fitted = tmp_path / "reranker"
+  fitted.mkdir()
+  (fitted / "reranker.json").write_text('{"snap_km": 0}')
+  first = fingerprint(fitted)
+  (fitted / "reranker.json").write_text('{"snap_km": 200}')
+  second = fingerprint(fitted)
+  assert first != second
+  out = tmp_path / "eval"
+  (out / "predictions").mkdir(parents=True)
+  paths = {name: out / "predictions" / f"{name}.jsonl" for name in ("greedy", "rerank_pool")}
+  for p in paths.values():
+    p.write_text("{}\n")
+  (out / "run.json").write_text(json.dumps({"reranker": first}))
+  evaluation._drop_stale_reranked(out, ["rerank_pool"], first, paths)  # the same fit: kept
+  assert all(p.exists() for p in paths.values())
+  evaluation._drop_stale_reranked(out, ["rerank_pool"], second, paths)  # refitted: predicted again
+  assert paths["greedy"].exists() and not paths["rerank_pool"].exists()

@@ -30,7 +30,8 @@ Rules (`select(rule, ...)`):
            cosine): the product of the decoder's and the alignment model's
            probabilities, the second raised to w.  `scores` holds the fused score.
   rerank   the candidate a learned reranker scores highest (models.reranker over
-           decoding.rerank_features of a union pool).  `scores` holds its scores.
+           decoding.rerank_features of a union pool).  `scores` holds its scores,
+           optionally passed through snap_to_retrieved (below) first.
 Ties in logprob / medoid / similarity / fused go to the earlier candidate.
 
 Validity: every rule and top_candidates take an optional `valid` [batch, N]
@@ -166,6 +167,40 @@ def select(rule: str, tokens: jax.Array, log_probs: jax.Array, latlng: jax.Array
   if rule not in _RULES:
     raise ValueError(f"unknown selection rule {rule!r}; choose from {', '.join(SELECTION_RULES)}")
   return _RULES[rule](tokens, log_probs, latlng, valid)
+
+
+def snap_to_retrieved(scores: jax.Array, latlng: jax.Array, valid: jax.Array, neighbor_valid: jax.Array,
+                      snap_km: float) -> jax.Array:
+  """A union pool's scores [batch, N + K] (its last K entries the paths of the first K
+  retrieved neighbours, latlng [batch, N + K, 2] their cell centres, valid [batch, N + K],
+  neighbor_valid [batch, K]) with the choice moved onto a retrieved training location: if the
+  top-scored valid entry lies within snap_km of a valid neighbour's path, the best-ranked
+  such neighbour's entry swaps scores with it (the multiset of scores is kept, so the
+  candidates' probabilities only change places).  When that neighbour's entry was dropped as
+  a duplicate of another entry, the valid entry at its location (the duplicate) takes it.
+
+  Why: a decoded cell a few km from a retrieved photo is the decoder's guess of fine digits
+  it never saw for this cell; the photo's own location is the better bet, and with snap_km
+  chosen on held-out pools it never does worse there.  snap_km <= 0 returns scores unchanged."""
+  if snap_km <= 0:
+    return scores
+  k = neighbor_valid.shape[1]
+  n = scores.shape[1] - k
+  rows = jnp.arange(scores.shape[0])
+  masked = jnp.where(valid, scores, -jnp.inf)
+  chosen = jnp.argmax(masked, axis=-1)  # [batch]
+  retrieved = latlng[:, n:, :]  # [batch, K, 2]
+  to_chosen = metrics.haversine_km_jax(latlng[rows, chosen][:, None, :], retrieved)  # [batch, K]
+  near = neighbor_valid & (to_chosen <= snap_km)
+  snap = jnp.any(near, axis=-1)
+  first = jnp.argmax(near, axis=-1)  # the best-ranked neighbour within reach
+  to_target = metrics.haversine_km_jax(latlng, retrieved[rows, first][:, None, :])  # [batch, N + K]
+  target = jnp.argmin(jnp.where(valid, to_target, jnp.inf), axis=-1)  # its entry, or its duplicate
+  target = jnp.where(snap, target, chosen)
+  top, displaced = scores[rows, chosen], scores[rows, target]
+  entry = jnp.arange(scores.shape[1])[None, :]
+  swapped = jnp.where(entry == target[:, None], top[:, None], scores)
+  return jnp.where(entry == chosen[:, None], displaced[:, None], swapped)
 
 
 def top_candidates(tokens: jax.Array, log_probs: jax.Array, k: int, valid: jax.Array | None = None

@@ -28,6 +28,7 @@ from geotoken_jax.decoding.strategies import Strategy
 from geotoken_jax.inference.online_retrieval import evaluation_source
 from geotoken_jax.inference.predictor import (ORACLE_PREFIX, Predictor, group_strategies, has_oracle, oracle_name,
                                               predict_batches)
+from geotoken_jax.inference.reranker import fingerprint as reranker_fingerprint
 from geotoken_jax.inference.reranker import restore_reranker
 from geotoken_jax.inference.restore import (evaluate_config, load_run_config, restore_aligner, restore_model,
                                             token_spec)
@@ -213,13 +214,16 @@ def run_evaluation(config: ml_collections.ConfigDict | None, workdir, *, strateg
                                     if has_oracle(g.pool))) if oracles else []
   names = [s.name for s in wanted] + pool_oracles
   paths = {name: output_dir / "predictions" / (file_name(name) + ".jsonl") for name in names}
+  reranked = [s.name for s in wanted if strategies.needs_reranker(s)]
+  reranker_id = reranker_fingerprint(reranker_dir(workdir, eval_config)) if reranked else None
   if process_index == 0:
     _check_same_settings(output_dir, eval_config, alignment_workdir)
+    _drop_stale_reranked(output_dir, reranked, reranker_id, paths)
     (output_dir / "predictions").mkdir(parents=True, exist_ok=True)
     (output_dir / "run.json").write_text(json.dumps(
         {"checkpoint_step": step, "split": split, "records": num_records, "limit": limit,
          "strategies": [s.name for s in wanted], "oracles": pool_oracles + ([NEAREST_TRAIN] if oracles else []),
-         "evaluate": eval_config.to_dict(),
+         "evaluate": eval_config.to_dict(), "reranker": reranker_id,
          "alignment_workdir": alignment_workdir or str(eval_config.alignment_workdir)}, indent=1))
 
   # Resume: every strategy restarts at the first batch that the shortest file
@@ -321,6 +325,21 @@ def _check_same_settings(output_dir, eval_config, alignment_workdir) -> None:
     details = ", ".join(f"{k}: {old[k]!r} -> {new.get(k)!r}" for k in changed)
     raise ValueError(f"{output_dir} holds predictions made with other settings ({details}); use another "
                      "--output_dir")
+
+
+def _drop_stale_reranked(output_dir, reranked: list[str], reranker_id: str | None, paths) -> None:
+  """Predictions of rule rerank made by another fit of the reranker (a refit under the same
+  strategy name) are removed, with a warning, so the resumed evaluation recomputes them."""
+  path = epath.Path(output_dir) / "run.json"
+  if not reranked or not path.exists():
+    return
+  old_id = json.loads(path.read_text()).get("reranker")
+  stale = [name for name in reranked if paths[name].exists()] if old_id != reranker_id else []
+  if stale:
+    logging.warning("%s: the reranker was refitted since %s were predicted (%s -> %s): predicting them again",
+                    output_dir, ", ".join(stale), (old_id or "unrecorded")[:12], reranker_id[:12])
+    for name in stale:
+      paths[name].unlink()
 
 
 def write_plots(output_dir: epath.Path, rows_of: Mapping[str, list[dict]], *, split: str, step: int,

@@ -25,7 +25,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from geotoken_jax import data, decoding, metrics, models, runtime, s2, sharding
-from geotoken_jax.decoding import knn_lm, rerank_features, strategies
+from geotoken_jax.decoding import knn_lm, rerank_features, selection, strategies
 from geotoken_jax.decoding.strategies import Strategy
 from geotoken_jax.inference.location_gallery import (LocationGallery, gallery_with_features, load_location_gallery,
                                                      location_features)
@@ -121,9 +121,10 @@ class Predictor:
   an upper bound for the selection rules, not a prediction), candidates as the logprob rule's.
 
   Rule rerank: a union pool's candidates get decoding.rerank_features and the scores of
-  `reranker` (inference.reranker.RestoredReranker).  With export_features=True, every union
-  pool group also returns FEATURES_PREFIX + its pool name: {"features" [B, M, F], "latlng"
-  [B, M, 2], "valid" [B, M]} (with `feature_settings` {"tau", "support_km"} when no reranker
+  `reranker` (inference.reranker.RestoredReranker), snapped onto a retrieved location within
+  its settings' snap_km (decoding.selection.snap_to_retrieved).  With export_features=True,
+  every union pool group also returns FEATURES_PREFIX + its pool name: {"features" [B, M, F],
+  "latlng" [B, M, 2], "valid" [B, M], "neighbor_valid" [B, K]} (with `feature_settings` {"tau", "support_km"} when no reranker
   gives them): the data a reranker is fitted on.
 
   Alignment models: when the model itself is one (`is_aligner`), its strategies are
@@ -169,6 +170,7 @@ class Predictor:
       raise ValueError("reranker features need settings tau and support_km (a reranker's, or feature_settings)")
     feature_tau = float(settings.get("tau", 0.0))
     support_km = tuple(float(d) for d in settings.get("support_km", ()))
+    snap_km = float(settings.get("snap_km", 0.0))  # selection.snap_to_retrieved, chosen when it was fitted
     self.feature_names = rerank_features.feature_names(support_km) if settings else ()
     if reranker is not None and tuple(reranker.settings.get("features", ())) != self.feature_names:
       raise ValueError(f"the reranker was fitted on features {reranker.settings.get('features')}, this predictor "
@@ -220,11 +222,15 @@ class Predictor:
           num_decoded = pool["tokens"].shape[1] - group.pool.add_neighbors
           features = rerank_features.candidate_features(pool, batch, num_decoded=num_decoded, tau=feature_tau,
                                                         support_km=support_km)  # [batch, N + K, F]
+          _, _, retrieved_valid = knn_lm.first_neighbors(batch, group.pool.add_neighbors, group.pool.name,
+                                                         field="add_neighbors")  # [batch, K]
           if wants_rerank:
-            pool["rerank"] = nnx.merge(reranker.graphdef, reranker_params)(features)
+            scores = nnx.merge(reranker.graphdef, reranker_params)(features)  # [batch, N + K]
+            pool["rerank"] = selection.snap_to_retrieved(scores, pool["latlng"], pool["valid"], retrieved_valid,
+                                                         snap_km)
           if export_features:
             out[FEATURES_PREFIX + group.pool.name] = {"features": features, "latlng": pool["latlng"],
-                                                      "valid": pool["valid"]}
+                                                      "valid": pool["valid"], "neighbor_valid": retrieved_valid}
         for member in group.members:
           out[member.name] = _output(pool, strategies.choose(pool, member.rule, k, fused_weight))
         if with_oracles and has_oracle(group.pool):  # label-aware: the pool's entry nearest to the truth

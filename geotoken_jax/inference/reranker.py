@@ -1,5 +1,6 @@
 """A fitted reranker on disk, and the pools it is fitted on.
 
+  fingerprint                        what identifies a fitted reranker (its settings file)
   save_reranker / restore_reranker   DIR/reranker.json (settings: the feature names, tau,
                                      support radii, hidden sizes, the pool strategy, how it
                                      was fitted) + DIR/params (an orbax checkpoint of the
@@ -12,6 +13,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from typing import Any
 
@@ -29,6 +31,8 @@ from geotoken_jax.models.reranker import Reranker
 
 SETTINGS_FILE = "reranker.json"
 PARAMS_DIR = "params"
+# What collect_pool_features returns (the first four from the predictor, then the labels).
+POOL_ARRAYS = ("features", "latlng", "valid", "neighbor_valid", "truth", "index")
 
 
 @dataclasses.dataclass
@@ -58,6 +62,13 @@ def save_reranker(directory, model: Reranker, settings: dict) -> None:
     (directory / SETTINGS_FILE).write_text(json.dumps(settings, indent=1, default=float))
 
 
+def fingerprint(directory) -> str:
+  """sha256 of the saved settings (features, snap radius, how and on what it was fitted, its
+  out-of-fold figures): what an evaluation records, so predictions of a refitted reranker are
+  never mixed with the old ones."""
+  return hashlib.sha256((epath.Path(directory) / SETTINGS_FILE).read_bytes()).hexdigest()
+
+
 def is_fitted(directory) -> bool:
   directory = epath.Path(directory)
   return (directory / SETTINGS_FILE).exists() and (directory / PARAMS_DIR).exists()
@@ -83,15 +94,16 @@ def restore_reranker(directory, mesh=None) -> RestoredReranker:
 def collect_pool_features(predictor, source, pool: Strategy, *, global_batch_size: int, transform=None) -> dict:
   """Every image of `source` through a Predictor built with export_features=True: host arrays
   features [n, M, F] float32, latlng [n, M, 2] (candidate cell centres), valid [n, M] bool,
-  truth [n, 2] float64, index [n] (the rows' numbers in the source); padding rows dropped."""
+  neighbor_valid [n, K] bool (the pool's retrieved entries' neighbours), truth [n, 2] float64,
+  index [n] (the rows' numbers in the source); padding rows dropped."""
   key = FEATURES_PREFIX + pool.name
-  parts: dict[str, list] = {"features": [], "latlng": [], "valid": [], "truth": [], "index": []}
+  parts: dict[str, list] = {name: [] for name in POOL_ARRAYS}
   for _, gathered, out in predict_batches(predictor, source, global_batch_size=global_batch_size, text_fields=(),
                                           transform=transform):
     if key not in out:
       raise ValueError(f"the predictor exports no features of {pool.name} (a union pool, export_features=True)")
     mask = gathered["mask"].astype(bool)
-    for name in ("features", "latlng", "valid"):
+    for name in POOL_ARRAYS[:4]:
       parts[name].append(np.asarray(out[key][name])[mask])
     parts["truth"].append(np.asarray(gathered["latlng"], np.float64)[mask])
     parts["index"].append(np.asarray(gathered["index"])[mask])
