@@ -7,6 +7,7 @@
   geotoken index     --embeddings ROOT --gallery train --queries train,test -k 32 --output DIR
   geotoken prepare   --dataset im2gps3k --manual_dir M --data_dir D
   geotoken tokenize  --input coords.csv --output tokens.npy
+  geotoken report    W_OR_SWEEP_DIR [--split test] [--baseline knn:1]
   geotoken bench     {s2,train,decode,prepare,embed} ...
 
 Each is also `python -m geotoken_jax.MODULE` with the same flags.
@@ -25,6 +26,7 @@ COMMANDS = {
     "embed": ("geotoken_jax.embed", True),
     "index": ("geotoken_jax.index", True),
     "rerank": ("geotoken_jax.rerank", True),
+    "report": ("geotoken_jax.report", False),
     "prepare": ("geotoken_jax.data.prepare", False),
     "tokenize": ("geotoken_jax.tokenize", False),
     "bench": ("geotoken_jax.bench.__main__", False),
