@@ -255,6 +255,8 @@ def _fusion(config: ml_collections.ConfigDict, smoke: bool) -> None:
   config.retrieval = _retrieval_block(("tiny",), k=k, dropout=0.0)
   config.recipe.choose_among = FUSION_GRID
   config.recipe.choose_on = "validation"
+  # The rows the chosen one must beat: its differences from them, with paired bootstrap intervals.
+  config.recipe.compare_with = ("knn:1", "greedy", "beam:5", "sample:30:0.7:medoid")
   config.evaluate.update(oracles=True, strategies=",".join(
       ["greedy", "beam:5", "sample:30:0.7:medoid", "knn:1", f"knn:{k}:wvote", *FUSION_GRID]))
   if smoke:  # seconds: 2,000 training rows, 64 per evaluation split
@@ -267,3 +269,4 @@ def _fusion(config: ml_collections.ConfigDict, smoke: bool) -> None:
     config.recipe.choose_among = FUSION_GRID[:1] + ("greedy:knn_lambda=0.9:knn_tau=0.02:knn_gate=0.7/0.95",
                                                     "sample:4:0.7:rerank:knn_lambda=0.5:knn_tau=0.02:add_neighbors=10")
     config.evaluate.update(strategies=",".join(["greedy", "beam:3", "knn:1", *config.recipe.choose_among]))
+    config.recipe.compare_with = ("knn:1", "greedy", "beam:3")

@@ -1,11 +1,14 @@
 """Comparing evaluated variants on the same images: one table, paired bootstrap intervals.
 
+  load_evaluation(directory)        the strategies and oracle rows of one evaluation folder
   load_variants(root, split)        every strategy (and oracle row) of every evaluation of
                                     `split` under root (a workdir, or a folder of workdirs:
                                     a sweep), read from eval/<split>-step<N>/predictions
   compare(variants, baseline)       each variant's statistics and, against the baseline, the
                                     difference with a paired bootstrap confidence interval
   markdown_table / csv_text         the report's two forms
+  differences_table(variant, others) one variant minus several others (the recipe's check
+                                    of its chosen row against the baselines it must beat)
 
 Statistics (STATISTICS): acc@1/25/200/750/2500 km (%), median km, GeoGuessr score, country
 accuracy (%, over the images whose true country is known), each computed from the per-image
@@ -180,6 +183,31 @@ def _evaluation_dirs(root: epath.Path, split: str) -> list[epath.Path]:
   return found
 
 
+def load_evaluation(directory, names: Sequence[str] | None = None, prefix: str = "") -> dict[str, Variant]:
+  """The strategies and oracle rows of one evaluation folder (eval/<split>-step<N>), or only
+  `names` of them: {prefix + name: Variant}."""
+  directory = epath.Path(directory)
+  run = json.loads((directory / "run.json").read_text())
+  listed = list(run.get("strategies", [])) + list(run.get("oracles", []))
+  if names is not None:
+    unknown = [n for n in names if n not in listed]
+    if unknown:
+      raise ValueError(f"{directory} holds no evaluation of {unknown}; it has {', '.join(listed)}")
+    listed = list(names)
+  out = {}
+  for strategy in listed:
+    path = directory / "predictions" / (_file_name(strategy) + ".jsonl")
+    if not path.exists():
+      raise FileNotFoundError(f"{directory}: run.json lists {strategy} but {path.name} is missing (an "
+                              "interrupted evaluation: rerun it)")
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if len(rows) != int(run.get("records", len(rows))):
+      raise ValueError(f"{path}: {len(rows)} predictions for {run.get('records')} images (an interrupted "
+                       "evaluation: rerun it)")
+    out[prefix + strategy] = variant_from_rows(prefix + strategy, rows, str(path))
+  return out
+
+
 def load_variants(root, split: str) -> dict[str, Variant]:
   """Every strategy and oracle row evaluated on `split` under root: {name: Variant}.  Names are
   the strategy names for one workdir, "<workdir relative to root>/<strategy>" for several."""
@@ -191,20 +219,29 @@ def load_variants(root, split: str) -> dict[str, Variant]:
   several = len(directories) > 1
   out = {}
   for directory in directories:
-    run = json.loads((directory / "run.json").read_text())
     workdir = directory.parent.parent
     prefix = (str(workdir.relative_to(root)) if workdir != root else ".") + "/" if several else ""
-    for strategy in list(run.get("strategies", [])) + list(run.get("oracles", [])):
-      path = directory / "predictions" / (_file_name(strategy) + ".jsonl")
-      if not path.exists():
-        raise FileNotFoundError(f"{directory}: run.json lists {strategy} but {path.name} is missing (an "
-                                "interrupted evaluation: rerun it)")
-      rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-      if len(rows) != int(run.get("records", len(rows))):
-        raise ValueError(f"{path}: {len(rows)} predictions for {run.get('records')} images (an interrupted "
-                         "evaluation: rerun it)")
-      out[prefix + strategy] = variant_from_rows(prefix + strategy, rows, str(path))
+    out.update(load_evaluation(directory, prefix=prefix))
   return out
+
+
+def differences_table(variant: Variant, others: Sequence[Variant], *, num_samples: int = 1000, seed: int = 0,
+                      confidence: float = 0.95) -> tuple[str, dict]:
+  """variant minus each of `others` on the same images, with paired bootstrap intervals (one
+  shared draw): (a Markdown table, {other name: paired_difference})."""
+  check_same_images([variant, *others])
+  indices = bootstrap_indices(variant.ids.size, num_samples, seed)
+  diffs = {o.name: paired_difference(variant, o, indices, confidence=confidence) for o in others}
+  lines = ["| difference | " + " | ".join(STATISTICS) + " |", "|---" * (len(STATISTICS) + 1) + "|"]
+  for name, diff in diffs.items():
+    lines.append(f"| {variant.name} − {name} | " + " | ".join(_difference_cell(diff[k], k) for k in STATISTICS) + " |")
+  return "\n".join(lines) + "\n", diffs
+
+
+def _difference_cell(d: Mapping[str, float], name: str) -> str:
+  digits = _digits(name)
+  text = f"{d['delta']:+.{digits}f} [{_fmt(d['low'], digits)}, {_fmt(d['high'], digits)}]"
+  return f"**{text}**" if d["differs"] else text
 
 
 def _fmt(value: float, digits: int) -> str:
@@ -231,12 +268,7 @@ def markdown_table(compared: Mapping[str, dict], baseline: str, *, confidence: f
     diff = entry["vs_baseline"]
     if diff is None:
       continue
-    cells = []
-    for k in STATISTICS:
-      d = diff[k]
-      text = f"{d['delta']:+.{_digits(k)}f} [{_fmt(d['low'], _digits(k))}, {_fmt(d['high'], _digits(k))}]"
-      cells.append(f"**{text}**" if d["differs"] else text)
-    lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append(f"| {name} | " + " | ".join(_difference_cell(diff[k], k) for k in STATISTICS) + " |")
   return "\n".join(lines) + "\n"
 
 

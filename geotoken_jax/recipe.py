@@ -32,7 +32,9 @@ prediction files), all under one workdir W:
                (choose_strategy; a reranker's rows on its fit splits are its out-of-fold
                figures) and its rows on the other splits head the table;
                W/reports/ then holds accuracy by top-neighbour-score bucket
-               (report_by_score)
+               (report_by_score) and the chosen row minus each of recipe.compare_with
+               (default knn:1) with paired bootstrap intervals on the other splits
+               (compare_chosen), printed under the table
 
 A model that reads no neighbours (a plain ViT evaluated with knn:K or kNN-LM
 strategies) trains on the plain records: the gallery split gets no lists of its own.
@@ -50,7 +52,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from geotoken_jax import data, embeddings, inference, metrics, plots, reranking, trainer
+from geotoken_jax import comparison, data, embeddings, inference, metrics, plots, reranking, trainer
 from geotoken_jax.decoding import strategies
 from geotoken_jax.retrieval import neighbors, sources
 
@@ -200,6 +202,7 @@ def run_recipe(config: ml_collections.ConfigDict, workdir) -> dict:
   recipe = config.recipe
   timings: dict = {}
   tiny = sources.tiny_image_spec(config)  # recipe.alignment = "tiny_image[:S[:colour]]": nothing to train
+  _check_compare_with(config)
 
   # 1. The alignment model.
   if tiny is not None:
@@ -285,7 +288,7 @@ def run_recipe(config: ml_collections.ConfigDict, workdir) -> dict:
   # 5. Evaluation: every strategy of the config (decoder rows and kNN rows) on the test split.
   eval_splits = tuple(recipe.get("eval_splits", (config.test_split,)))
   baseline = str(recipe.get("baseline_workdir", ""))
-  rows, by_split, output_dirs = {}, {}, {}
+  rows, by_split, output_dirs, differences = {}, {}, {}, {}
   for split in eval_splits:
     suffix = f" ({split})" if len(eval_splits) > 1 else ""
     _log(f"evaluate {split}: {config.evaluate.strategies}")
@@ -316,9 +319,46 @@ def run_recipe(config: ml_collections.ConfigDict, workdir) -> dict:
     if jax.process_index() == 0:
       in_sample = tuple(out_of_fold) if name == (reranking.rerank_strategy(config) if out_of_fold else None) else ()
       report_by_score(config, workdir, output_dirs, name, in_sample)
+      differences = compare_chosen(recipe, workdir, output_dirs, name, skip=(choose_on, *in_sample))
   table = metrics.format_table(rows)
   if jax.process_index() == 0:
     print(table, flush=True)
+    for split, entry in differences.items():
+      print(f"\nchosen minus its baselines on {split} (paired bootstrap 95 % intervals over the same images; "
+            f"bold: the interval excludes 0):\n\n{entry['table']}", end="", flush=True)
     (workdir / "recipe.json").write_text(json.dumps(
-        {"results": rows, "table": table, "timings": timings, "index": index_stats}, indent=1, default=str))
-  return {"results": rows, "table": table, "timings": timings, "index": index_stats}
+        {"results": rows, "table": table, "timings": timings, "index": index_stats,
+         "differences": differences}, indent=1, default=str))
+  return {"results": rows, "table": table, "timings": timings, "index": index_stats, "differences": differences}
+
+
+def _check_compare_with(config) -> None:
+  """recipe.compare_with names evaluated strategies: said before any stage runs."""
+  if not config.recipe.get("choose_among"):
+    return
+  evaluated = {s.name for s in strategies.parse_strategies(str(config.evaluate.strategies), inference.token_spec(config))}
+  wanted = [strategies.parse_strategy(text).name for text in config.recipe.get("compare_with", ("knn:1",))]
+  missing = [name for name in wanted if name not in evaluated]
+  if missing:
+    raise ValueError(f"recipe.compare_with names strategies the evaluation does not run: {missing}; add them to "
+                     "evaluate.strategies")
+
+
+def compare_chosen(recipe, workdir, output_dirs: dict, chosen: str, skip: tuple[str, ...] = ()) -> dict:
+  """The chosen strategy minus each of recipe.compare_with (default knn:1; the rows it must beat)
+  on every evaluated split but `skip` (where it was chosen or fitted), with paired bootstrap
+  intervals (comparison.differences_table): {split: {"table": Markdown, "differences": {...}}},
+  also written to W/reports/differences_<split>.md."""
+  others = [strategies.parse_strategy(text).name for text in recipe.get("compare_with", ("knn:1",))]
+  others = [n for n in others if n != chosen]
+  out = {}
+  for split, directory in output_dirs.items():
+    if split in skip or not others:
+      continue
+    variants = comparison.load_evaluation(directory, [chosen, *others])
+    table, diffs = comparison.differences_table(variants[chosen], [variants[n] for n in others])
+    out[split] = {"table": table, "differences": diffs}
+    reports = epath.Path(workdir) / "reports"
+    reports.mkdir(parents=True, exist_ok=True)
+    (reports / f"differences_{split.replace(':', '-')}.md").write_text(table)
+  return out

@@ -89,6 +89,29 @@ def test_the_chosen_row_is_the_validation_argmax_and_carries_the_test_figures(fu
         assert row["acc@25km"] <= results[f"oracle:nearest_train ({split})"]["acc@25km"] + 1e-9, name
 
 
+def test_the_chosen_row_is_compared_with_its_baselines_on_the_same_images(fusion_run):
+  config, workdir, out = fusion_run
+  chosen = out["timings"]["chosen"]["strategy"]
+  # Not on validation (where it was chosen, and the reranker fitted), on both test regimes.
+  assert set(out["differences"]) == {"test", "train:holdout"}
+  others = [n for n in config.recipe.compare_with if n != chosen]
+  for split, entry in out["differences"].items():
+    assert set(entry["differences"]) == set(others)
+    assert (workdir / "reports" / f"differences_{split.replace(':', '-')}.md").read_text() == entry["table"]
+    for other in others:  # the point estimate is the difference of the table's rows
+      for stat in ("acc@25km", "acc@200km", "geoguessr"):
+        delta = entry["differences"][other][stat]
+        want = out["results"][f"GeoToken {chosen} ({split})"][stat] - out["results"][
+            recipe._row_label(config, other) + f" ({split})"][stat]  # pylint: disable=protected-access
+        assert delta["delta"] == pytest.approx(want, abs=1e-9), (split, other, stat)
+        assert delta["low"] <= delta["delta"] <= delta["high"]
+  bad = load_config("fusion_smoke")
+  bad.recipe.compare_with = ("beam:7",)
+  with pytest.raises(ValueError, match="compare_with names strategies the evaluation does not run"):
+    recipe.run_recipe(bad, str(workdir / "never"))
+  assert not (workdir / "never").exists()
+
+
 def test_a_choice_among_strategies_not_evaluated_is_an_error():
   with pytest.raises(ValueError, match="did not run"):
     recipe.choose_strategy({"choose_among": ("greedy:knn_lambda=0.5",), "choose_on": "validation"},
