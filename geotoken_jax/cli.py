@@ -8,6 +8,7 @@
   geotoken prepare   --dataset im2gps3k --manual_dir M --data_dir D
   geotoken tokenize  --input coords.csv --output tokens.npy
   geotoken report    W_OR_SWEEP_DIR [--split test] [--baseline knn:1]
+  geotoken sweep     --config configs/earth.py:smoke --workdir DIR --grid seed=0,1 [--zip ...]
   geotoken bench     {s2,train,decode,prepare,embed} ...
 
 Each is also `python -m geotoken_jax.MODULE` with the same flags.
@@ -27,6 +28,7 @@ COMMANDS = {
     "index": ("geotoken_jax.index", True),
     "rerank": ("geotoken_jax.rerank", True),
     "report": ("geotoken_jax.report", False),
+    "sweep": ("geotoken_jax.sweep", False),
     "prepare": ("geotoken_jax.data.prepare", False),
     "tokenize": ("geotoken_jax.tokenize", False),
     "bench": ("geotoken_jax.bench.__main__", False),

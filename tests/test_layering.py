@@ -20,7 +20,7 @@ PACKAGE_DIR = os.path.join(REPO, PACKAGE)
 # Thin command-line modules: they may import the library inside main() (so --help is fast).
 COMMAND_MODULES = {
     "geotoken_jax.cli", "geotoken_jax.command_line", "geotoken_jax.train", "geotoken_jax.evaluate",
-    "geotoken_jax.predict", "geotoken_jax.embed", "geotoken_jax.index", "geotoken_jax.rerank", "geotoken_jax.report",
+    "geotoken_jax.predict", "geotoken_jax.embed", "geotoken_jax.index", "geotoken_jax.rerank", "geotoken_jax.report", "geotoken_jax.sweep",
     "geotoken_jax.tokenize",
     "geotoken_jax.data.prepare",
 }
