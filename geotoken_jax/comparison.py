@@ -7,6 +7,8 @@
   compare(variants, baseline)       each variant's statistics and, against the baseline, the
                                     difference with a paired bootstrap confidence interval
   markdown_table / csv_text         the report's two forms
+  seed_spread / spread_table        variants that differ only in their seed: the spread of
+                                    each statistic over seeds (training noise)
   differences_table(variant, others) one variant minus several others (the recipe's check
                                     of its chosen row against the baselines it must beat)
 
@@ -269,6 +271,52 @@ def markdown_table(compared: Mapping[str, dict], baseline: str, *, confidence: f
     if diff is None:
       continue
     lines.append(f"| {name} | " + " | ".join(_difference_cell(diff[k], k) for k in STATISTICS) + " |")
+  return "\n".join(lines) + "\n"
+
+
+_SEED_PART = re.compile(r"(^|__)seed=-?\d+(?=__|/|$)")
+
+
+def seed_group(name: str) -> str | None:
+  """A sweep variant's name without its seed override (None when it has none):
+  "seed=1__model.dropout=0.1/run/greedy" -> "model.dropout=0.1/run/greedy"."""
+  head, slash, tail = name.partition("/")
+  if not _SEED_PART.search(head):
+    return None
+  stripped = _SEED_PART.sub(lambda m: "" if m.group(1) == "" else "", head).strip("_")
+  return (stripped or "(seed only)") + slash + tail
+
+
+def seed_spread(compared: Mapping[str, dict]) -> dict[str, dict]:
+  """Variants that differ only in their seed override, grouped: {group: {"seeds": n,
+  statistic: {"mean", "std", "min", "max"}}} for groups of 2 or more (training noise, beside
+  the bootstrap's image noise: a difference inside this spread is not a gain)."""
+  groups: dict[str, list[dict]] = {}
+  for name, entry in compared.items():
+    group = seed_group(name)
+    if group is not None:
+      groups.setdefault(group, []).append(entry["statistics"])
+  out = {}
+  for group, members in groups.items():
+    if len(members) < 2:
+      continue
+    out[group] = {"seeds": len(members)}
+    for k in STATISTICS:
+      values = np.asarray([m[k] for m in members], np.float64)
+      out[group][k] = {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)),
+                       "min": float(np.min(values)), "max": float(np.max(values))}
+  return out
+
+
+def spread_table(spread: Mapping[str, dict]) -> str:
+  """Markdown: each seed group's mean ± sample standard deviation (min–max) per statistic."""
+  if not spread:
+    return ""
+  lines = ["| variant (over seeds) | seeds | " + " | ".join(STATISTICS) + " |", "|---" * (len(STATISTICS) + 2) + "|"]
+  for group, entry in spread.items():
+    cells = [f"{_fmt(entry[k]['mean'], _digits(k))} ± {_fmt(entry[k]['std'], _digits(k))} "
+             f"({_fmt(entry[k]['min'], _digits(k))}–{_fmt(entry[k]['max'], _digits(k))})" for k in STATISTICS]
+    lines.append(f"| {group} | {entry['seeds']} | " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
 
 

@@ -52,6 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"report: error: {e}", file=sys.stderr)
     return 2
   table = comparison.markdown_table(compared, baseline, confidence=args.confidence)
+  spread = comparison.seed_spread(compared)
+  if spread:  # training noise: the same variant over seeds
+    table += ("\nSpread over training seeds (mean ± standard deviation, min–max): a difference inside it is "
+              "not a gain.\n\n" + comparison.spread_table(spread))
   out = epath.Path(args.output) if args.output else epath.Path(args.root) / "report"
   out.mkdir(parents=True, exist_ok=True)
   stem = "report_" + args.split.replace(":", "-")
@@ -59,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
   (out / f"{stem}.csv").write_text(comparison.csv_text(compared))
   (out / f"{stem}.json").write_text(json.dumps(
       {"split": args.split, "baseline": baseline, "num_bootstrap": args.num_bootstrap, "seed": args.seed,
-       "confidence": args.confidence, "variants": compared}, indent=1, default=float))
+       "confidence": args.confidence, "variants": compared, "seed_spread": spread}, indent=1, default=float))
   plots.error_cdf({name: v.error_km for name, v in variants.items()}, str(out / f"{stem}_accuracy_by_threshold.png"),
                   title=f"accuracy by threshold ({args.split})")
   print(table, end="", flush=True)

@@ -120,3 +120,21 @@ def test_the_report_command_reads_a_sweep_folder_and_refuses_mismatched_images(t
   assert "different images" in capsys.readouterr().err
   assert report_command.main([str(tmp_path / "g1"), "--split", "train"]) == 2
   assert "no evaluation of split 'train'" in capsys.readouterr().err
+
+
+def test_variants_differing_only_in_seed_report_their_spread(tmp_path, capsys):
+  rng = np.random.default_rng(3)
+  ids = np.arange(80)
+  spreads = {"seed=0__model.dropout=0.1": 1.0, "seed=1__model.dropout=0.1": 2.0, "seed=2__model.dropout=0.1": 4.0,
+             "seed=0__model.dropout=0.0": 1.5}
+  for name, spread in spreads.items():
+    _write_evaluation(tmp_path / name / "run", "test", {"greedy": _rows(ids, rng, spread)})
+  assert report_command.main([str(tmp_path), "--num_bootstrap", "20"]) == 0
+  assert "Spread over training seeds" in capsys.readouterr().out
+  saved = json.loads((tmp_path / "report" / "report_test.json").read_text())
+  group = saved["seed_spread"]["model.dropout=0.1/run/greedy"]  # the 0.0 variant has one seed: no group
+  assert set(saved["seed_spread"]) == {"model.dropout=0.1/run/greedy"} and group["seeds"] == 3
+  values = [saved["variants"][f"seed={s}__model.dropout=0.1/run/greedy"]["statistics"]["acc@200km"] for s in range(3)]
+  assert group["acc@200km"]["mean"] == pytest.approx(np.mean(values))
+  assert group["acc@200km"]["std"] == pytest.approx(np.std(values, ddof=1))
+  assert (group["acc@200km"]["min"], group["acc@200km"]["max"]) == (min(values), max(values))
