@@ -15,6 +15,8 @@ import pytest
 from geotoken_jax import checkpoint, optim, s2, sharding, trainer
 from geotoken_jax.bench.train_bench import random_batch
 
+from conftest import compile_cache_env
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -169,17 +171,20 @@ def _train_command(workdir, *overrides):
           "--workdir", str(workdir), "--config.num_steps=6", *overrides]
 
 
-def _env(devices):
+def _env(devices, compile_cache=False):
+  """compile_cache: the session's compilation cache (conftest), for runs of one process."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
   env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+  if compile_cache:
+    env.update(compile_cache_env())
   return env
 
 
 def test_two_processes_train_the_same_steps_as_one_and_resume_on_one(tmp_path):
   """Steps 1-3 on 2 processes x 2 devices, then 4-6 resumed from their checkpoint on 1
   process x 4 devices: the same losses and results as 6 steps on 1 process."""
-  single = subprocess.run(_train_command(tmp_path / "one"), env=_env(4), capture_output=True, text=True,
-                          timeout=600)
+  single = subprocess.run(_train_command(tmp_path / "one"), env=_env(4, compile_cache=True), capture_output=True,
+                          text=True, timeout=600)
   assert single.returncode == 0, single.stderr[-3000:]
   multi = subprocess.run(["bash", os.path.join(REPO, "launch/local.sh"), "2", "2", "--",
                           *_train_command(tmp_path / "two", "--config.stop_after_steps=3")],
@@ -191,8 +196,9 @@ def test_two_processes_train_the_same_steps_as_one_and_resume_on_one(tmp_path):
   names = sorted(p.name for p in iterator_dir.iterdir())
   assert "state.json" in names and not [n for n in names if n.startswith("process_")], names
   assert json.loads((iterator_dir / "state.json").read_text())["next_batch"] == 3
-  resumed = subprocess.run(_train_command(tmp_path / "two"), env=_env(4), capture_output=True, text=True,
-                           timeout=600)
+  # The same programs as the first run's: compiled once (the session's compilation cache).
+  resumed = subprocess.run(_train_command(tmp_path / "two"), env=_env(4, compile_cache=True), capture_output=True,
+                           text=True, timeout=600)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert "1 process(es)" in resumed.stdout and "6 steps from 3" in resumed.stdout
   one, two = _train_losses(tmp_path / "one"), _train_losses(tmp_path / "two")
