@@ -3,6 +3,7 @@ bad configs, URL workdirs, and how gradient accumulation and meshes are laid out
 
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -116,30 +117,27 @@ def test_a_truncated_latest_checkpoint_resumes_from_the_previous_one(tmp_path, c
     np.testing.assert_array_equal(x, y)
 
 
-def test_resume_with_a_changed_config_names_the_field(tmp_path):
-  config = earth_config()
-  config.num_steps = 4
-  config.stop_after_steps = 2
-  trainer.train_and_evaluate(config, str(tmp_path))
-  changed = earth_config()
-  changed.num_steps = 4
+@pytest.mark.xdist_group("trained_smoke_run")
+def test_resume_with_a_changed_config_names_the_field(tmp_path, trained_smoke_run):
+  workdir = tmp_path / "run"
+  shutil.copytree(trained_smoke_run, workdir)  # smoke_run_config's 8 steps, checkpoints 4, 6 and 8
+  changed = smoke_run_config()
   changed.batch_size = 32
   with pytest.raises(trainer.ConfigMismatchError, match=r"batch_size = 16.*asks for 32"):
-    trainer.train_and_evaluate(changed, str(tmp_path))
-  changed = earth_config()
-  changed.num_steps = 4
+    trainer.train_and_evaluate(changed, str(workdir))
+  changed = smoke_run_config()
   changed.model.decoder_layers = 2
   with pytest.raises(trainer.ConfigMismatchError, match=r"model\.decoder_layers"):
-    trainer.train_and_evaluate(changed, str(tmp_path))
-  changed = earth_config()
-  changed.num_steps = 4
+    trainer.train_and_evaluate(changed, str(workdir))
+  changed = smoke_run_config()
   changed.tokens.level = 10
   with pytest.raises(trainer.ConfigMismatchError, match=r"tokens\.level"):
-    trainer.train_and_evaluate(changed, str(tmp_path))
+    trainer.train_and_evaluate(changed, str(workdir))
   # Fields that may change (the learning rate, the number of steps) resume.
-  config.stop_after_steps = 0
+  config = smoke_run_config()
+  config.num_steps = 10
   config.optim.learning_rate = 5e-4
-  assert trainer.train_and_evaluate(config, str(tmp_path))["step"] == 4
+  assert trainer.train_and_evaluate(config, str(workdir))["step"] == 10
 
 
 @pytest.mark.parametrize("field, value, message", [
