@@ -115,8 +115,9 @@ def haversine_m(a, b):
 def trained_smoke_run(tmp_path_factory):
   """configs/earth.py:smoke trained for 8 steps (test_train.smoke_run_config: dropout 0.1, a
   checkpoint every 2 steps, 4, 6 and 8 kept), once per session: the uninterrupted run that the
-  resume tests compare against.  Read-only; its users share the xdist_group "trained_smoke_run",
-  so that one worker trains it once."""
+  resume tests compare against.  Read-only (copy it to resume it); its users are in test_train.py
+  and test_trainer_failures.py, which _SAME_WORKER sends to one worker (and they carry the
+  xdist_group "trained_smoke_run" for --dist loadgroup), so that one worker trains it once."""
   from geotoken_jax import trainer  # pylint: disable=g-import-not-at-top
   from test_train import smoke_run_config  # pylint: disable=g-import-not-at-top
 
@@ -177,7 +178,8 @@ def pytest_xdist_make_scheduler(config, log):
 
     def _assign_work_unit(self, node):
       if not getattr(self, "_ordered", False):  # the first assignment: the queue is complete
-        learned = config.cache.get(_SECONDS_KEY, {}) if config.cache is not None else {}
+        cache = getattr(config, "cache", None)  # None under -p no:cacheprovider
+        learned = cache.get(_SECONDS_KEY, {}) if cache is not None else {}
         costs = _file_costs([n for tests in self.workqueue.values() for n in tests], learned)
         scope_cost = {}
         for path, seconds in costs.items():
@@ -197,9 +199,9 @@ def pytest_runtest_logreport(report):
 
 
 def pytest_sessionfinish(session):
-  config = session.config
-  if hasattr(config, "workerinput") or config.cache is None or not _MEASURED:
+  cache = getattr(session.config, "cache", None)  # None under -p no:cacheprovider
+  if hasattr(session.config, "workerinput") or cache is None or not _MEASURED:
     return
-  learned = dict(config.cache.get(_SECONDS_KEY, {}))
+  learned = dict(cache.get(_SECONDS_KEY, {}))
   learned.update({nodeid: round(seconds, 2) for nodeid, seconds in _MEASURED.items()})
-  config.cache.set(_SECONDS_KEY, learned)
+  cache.set(_SECONDS_KEY, learned)
