@@ -15,9 +15,10 @@ from geotoken_jax.bench.s2_bench import uniform_sphere_points  # noqa: E402
 
 # One persistent compilation cache per test session, on disk and shared by the xdist workers:
 # the smoke model's programs (init, train step, predictor) are the same in many tests, and
-# each compile of them takes seconds on 2 CPU cores.  Only this process and its workers use
-# it (subprocesses started by tests compile on their own); it is deleted when the session
-# ends.  GEOTOKEN_TEST_COMPILE_CACHE=0 turns it off.
+# each compile of them takes seconds on 2 CPU cores.  This process and its workers use it, and
+# the one-process commands a test starts with compile_cache_env() (runs of several processes
+# compile on their own); it is deleted when the session ends.  The tests run the same programs
+# either way.  GEOTOKEN_TEST_COMPILE_CACHE=0 turns it off.
 _COMPILE_CACHE_KEY = "geotoken_jax_compile_cache"
 
 
