@@ -41,9 +41,9 @@ import numpy as np
 from etils import epath
 
 from geotoken_jax import geocode, metrics
+from geotoken_jax.inference.evaluation import file_name, read_predictions, truth_countries
 
 STATISTICS = tuple(f"acc@{t:g}km" for t in metrics.THRESHOLDS_KM) + ("median_km", "geoguessr", "country_acc")
-_LOWER_IS_BETTER = ("median_km",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,11 +54,6 @@ class Variant:
   error_km: np.ndarray  # [n] float64
   country_hit: np.ndarray  # [n] float64: 1 / 0, NaN where the true country is unknown
   source: str  # the predictions file
-
-
-def _file_name(strategy_name: str) -> str:
-  # inference.evaluation.file_name, without importing JAX for a report.
-  return re.sub(r"[^A-Za-z0-9._=-]+", "-", strategy_name.replace(":", "-"))
 
 
 def variant_from_rows(name: str, rows: Sequence[Mapping], source: str = "") -> Variant:
@@ -75,11 +70,7 @@ def variant_from_rows(name: str, rows: Sequence[Mapping], source: str = "") -> V
   order = np.argsort(ids, kind="stable")
   error = np.asarray([float(r["error_km"]) for r in rows], np.float64)
   predicted = np.asarray([[r["pred_lat"], r["pred_lon"]] for r in rows], np.float64).reshape(-1, 2)
-  truth = np.asarray([[r["true_lat"], r["true_lon"]] for r in rows], np.float64).reshape(-1, 2)
-  if any(r.get("true_country") for r in rows):
-    true_codes = np.asarray([r.get("true_country") or "" for r in rows], dtype=object)
-  else:
-    true_codes = geocode.country_codes(truth) if len(rows) else np.zeros(0, object)
+  true_codes = truth_countries(list(rows))  # as the evaluation scores them (every row here has an error)
   predicted_codes = geocode.country_codes(predicted) if len(rows) else np.zeros(0, object)
   known = np.asarray([isinstance(c, str) and c != "" for c in true_codes])
   hit = np.where(known, (predicted_codes.astype(object) == true_codes.astype(object)).astype(np.float64), np.nan)
@@ -165,7 +156,7 @@ def compare(variants: Mapping[str, Variant], baseline: str, *, num_samples: int 
 
 def _evaluation_dirs(root: epath.Path, split: str) -> list[epath.Path]:
   """Every <workdir>/eval/<split>-step<N> under root (the newest step of each workdir)."""
-  pattern = re.compile(re.escape(_file_name(split)) + r"-step(\d+)$")
+  pattern = re.compile(re.escape(file_name(split)) + r"-step(\d+)$")
   found: list[epath.Path] = []
 
   def walk(folder: epath.Path, depth: int) -> None:
@@ -198,11 +189,11 @@ def load_evaluation(directory, names: Sequence[str] | None = None, prefix: str =
     listed = list(names)
   out = {}
   for strategy in listed:
-    path = directory / "predictions" / (_file_name(strategy) + ".jsonl")
+    path = directory / "predictions" / (file_name(strategy) + ".jsonl")
     if not path.exists():
       raise FileNotFoundError(f"{directory}: run.json lists {strategy} but {path.name} is missing (an "
                               "interrupted evaluation: rerun it)")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = read_predictions(path)
     if len(rows) != int(run.get("records", len(rows))):
       raise ValueError(f"{path}: {len(rows)} predictions for {run.get('records')} images (an interrupted "
                        "evaluation: rerun it)")
@@ -217,7 +208,7 @@ def load_variants(root, split: str) -> dict[str, Variant]:
   directories = _evaluation_dirs(root, split)
   if not directories:
     raise FileNotFoundError(f"no evaluation of split {split!r} under {root} (expected "
-                            f"<workdir>/eval/{_file_name(split)}-step<N>/run.json)")
+                            f"<workdir>/eval/{file_name(split)}-step<N>/run.json)")
   several = len(directories) > 1
   out = {}
   for directory in directories:
@@ -283,7 +274,7 @@ def seed_group(name: str) -> str | None:
   head, slash, tail = name.partition("/")
   if not _SEED_PART.search(head):
     return None
-  stripped = _SEED_PART.sub(lambda m: "" if m.group(1) == "" else "", head).strip("_")
+  stripped = _SEED_PART.sub("", head).strip("_")
   return (stripped or "(seed only)") + slash + tail
 
 

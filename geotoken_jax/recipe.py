@@ -332,13 +332,17 @@ def run_recipe(config: ml_collections.ConfigDict, workdir) -> dict:
   return {"results": rows, "table": table, "timings": timings, "index": index_stats, "differences": differences}
 
 
+def _compare_with(recipe) -> list[str]:
+  """recipe.compare_with as strategy names (default knn:1): the rows the chosen one must beat."""
+  return [strategies.parse_strategy(text).name for text in recipe.get("compare_with", ("knn:1",))]
+
+
 def _check_compare_with(config) -> None:
   """recipe.compare_with names evaluated strategies: said before any stage runs."""
   if not config.recipe.get("choose_among"):
     return
   evaluated = {s.name for s in strategies.parse_strategies(str(config.evaluate.strategies), inference.token_spec(config))}
-  wanted = [strategies.parse_strategy(text).name for text in config.recipe.get("compare_with", ("knn:1",))]
-  missing = [name for name in wanted if name not in evaluated]
+  missing = [name for name in _compare_with(config.recipe) if name not in evaluated]
   if missing:
     raise ValueError(f"recipe.compare_with names strategies the evaluation does not run: {missing}; add them to "
                      "evaluate.strategies")
@@ -349,8 +353,7 @@ def compare_chosen(recipe, workdir, output_dirs: dict, chosen: str, skip: tuple[
   on every evaluated split but `skip` (where it was chosen or fitted), with paired bootstrap
   intervals (comparison.differences_table): {split: {"table": Markdown, "differences": {...}}},
   also written to W/reports/differences_<split>.md."""
-  others = [strategies.parse_strategy(text).name for text in recipe.get("compare_with", ("knn:1",))]
-  others = [n for n in others if n != chosen]
+  others = [n for n in _compare_with(recipe) if n != chosen]
   out = {}
   for split, directory in output_dirs.items():
     if split in skip or not others:

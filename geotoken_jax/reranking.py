@@ -47,9 +47,9 @@ from flax import nnx
 from geotoken_jax import geocode, metrics, s2, sharding
 from geotoken_jax.data.subsets import splitmix64
 from geotoken_jax.decoding import rerank_features, strategies
+from geotoken_jax.decoding.selection import snap_to_retrieved
 from geotoken_jax.inference.online_retrieval import evaluation_source
 from geotoken_jax.inference.predictor import Predictor
-from geotoken_jax.decoding.selection import snap_to_retrieved
 from geotoken_jax.inference.reranker import (POOL_ARRAYS, build_reranker, collect_pool_features, is_fitted,
                                              save_reranker)
 from geotoken_jax.inference.restore import evaluate_config, restore_model, token_spec

@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         print(v["name"])
       return 0
     sweep = sweeping.Sweep(args.workdir)
-    sweeping.Sweep.create(sweep, variants, source=args.config, axes=axes)
+    sweep.create(variants, source=args.config, axes=axes)
     if args.launch_script:
       path = sweep.directory / "launch.sh"
       path.write_text(sweeping.launch_script(sweep))

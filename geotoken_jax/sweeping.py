@@ -36,6 +36,7 @@ import itertools
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -281,7 +282,7 @@ def variant_commands(sweep: Sweep, name: str, python: str = sys.executable) -> l
 
 def shell_command(sweep: Sweep, name: str, python: str = sys.executable) -> str:
   """variant_commands as one shell line (the second runs only if the first succeeds)."""
-  return " && ".join(" ".join(_quote(part) for part in command) for command in variant_commands(sweep, name, python))
+  return " && ".join(shlex.join(command) for command in variant_commands(sweep, name, python))
 
 
 def is_finished(sweep: Sweep, name: str) -> bool:
@@ -381,6 +382,3 @@ def launch_script(sweep: Sweep, *, python: str = ".venv/bin/python") -> str:
   lines += [f'  *) echo "variant index $i out of range 0..{len(names) - 1}" >&2; exit 2 ;;', "esac", ""]
   return "\n".join(lines)
 
-
-def _quote(text: str) -> str:
-  return text if re.fullmatch(r"[A-Za-z0-9_./:=,+-]+", text) else "'" + text.replace("'", "'\\''") + "'"

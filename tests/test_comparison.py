@@ -10,6 +10,7 @@ import pytest
 
 from geotoken_jax import comparison, geocode, metrics
 from geotoken_jax import report as report_command
+from geotoken_jax.inference.evaluation import file_name
 
 
 def _rows(ids, rng, spread_deg):
@@ -28,7 +29,7 @@ def _write_evaluation(workdir, split, variants, step=100):
                                                   "oracles": []}))
   for name, rows in variants.items():
     text = "".join(json.dumps(r) + "\n" for r in rows[::-1])  # any order: joined by id
-    (directory / "predictions" / (comparison._file_name(name) + ".jsonl")).write_text(text)
+    (directory / "predictions" / (file_name(name) + ".jsonl")).write_text(text)
 
 
 def _percentile(values, q):
